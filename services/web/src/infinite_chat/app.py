@@ -1,0 +1,162 @@
+"""The Quart application of one replica: the page, the HTTP API, health, metrics, and the chat socket at /ws."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib.resources import files
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
+
+from .broker import BrokerUnavailable
+from .config import Settings
+from .protocol import MESSAGE_ID_PATTERN, ROOM_PATTERN
+from .replica import Replica
+from .websocket import ChatSocketRoute
+
+API_LIMIT_MAX = 100
+STATIC = files(__package__).joinpath("static")
+
+# The page may talk only to its own origin; connect-src 'self' covers ws:// and wss:// of that origin in CSP 3,
+# and browsers that predate it get the same rule from the page's own origin being the only one named.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'"
+)
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+
+
+def json_response(body: dict[str, Any] | bytes, status: int = 200) -> Response:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    return Response(data, status=status, content_type="application/json")
+
+
+def create_app(settings: Settings | None = None) -> Quart:
+    settings = settings or Settings.from_env()
+    app = Quart(__name__, static_folder=None)
+    replica = Replica(settings)
+    app.extensions["replica"] = replica
+    app.before_serving(replica.start)
+    app.after_serving(replica.stop)
+    assets = {
+        asset.name: asset.read_bytes() for asset in STATIC.iterdir() if asset.is_file() and asset.name != "index.html"
+    }
+    page = _page(assets)
+
+    @app.after_request
+    async def security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if response.content_type and response.content_type.startswith("text/html"):
+            response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        code = (error.name or "error").lower().replace(" ", "_")
+        return json_response({"error": code, "detail": error.description}, error.code or 500)
+
+    @app.get("/")
+    async def index() -> Response:
+        return Response(page, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/static/<path:name>")
+    async def static(name: str) -> Response:
+        asset = assets.get(name)
+        if asset is None:
+            return json_response({"error": "not_found", "detail": "No such file."}, 404)
+        # URLs carry the file's hash (see _page), so a file may be cached for good.
+        return Response(
+            asset, content_type=_content_type(name), headers={"Cache-Control": "public, max-age=31536000, immutable"}
+        )
+
+    @app.get("/health")
+    async def health() -> Response:
+        # Liveness only: a replica whose Redis is away is still alive (and will reconnect by itself).
+        status = "draining" if replica.draining else "ok"
+        return json_response({"status": status, "replica": settings.replica_name}, 503 if replica.draining else 200)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        try:
+            await replica.broker.ping()
+        except BrokerUnavailable as error:
+            return json_response({"status": "unavailable", "replica": settings.replica_name, "reason": str(error)}, 503)
+        if replica.draining:
+            return json_response({"status": "draining", "replica": settings.replica_name, "reason": "restarting"}, 503)
+        return json_response({"status": "ready", "replica": settings.replica_name})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/ws")
+    async def ws_over_http() -> Response:
+        return json_response({"error": "upgrade_required", "detail": "/ws is a WebSocket endpoint."}, 426)
+
+    @app.get("/api/rooms/<room>/messages")
+    async def room_messages(room: str) -> Response:
+        if not ROOM_PATTERN.fullmatch(room):
+            return _bad_request("invalid_room", "A room name has 1 to 32 of a-z, 0-9, - and _.")
+        raw_limit = request.args.get("limit", str(settings.history_size))
+        if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= API_LIMIT_MAX):
+            return _bad_request("invalid_limit", f"limit must be a whole number from 1 to {API_LIMIT_MAX}.")
+        limit = int(raw_limit)
+        before = request.args.get("before")
+        if before is not None and not MESSAGE_ID_PATTERN.fullmatch(before):
+            return _bad_request("invalid_before", "before must be a message id, as in a message's id field.")
+        try:
+            # One more than asked tells whether scrolling further back will find anything.
+            found = await replica.broker.recent(room, limit + 1, before)
+        except BrokerUnavailable:
+            return json_response({"error": "unavailable", "detail": "History is unavailable for a moment."}, 503)
+        messages = found[-limit:]
+        return json_response(
+            orjson.dumps(
+                {
+                    "room": room,
+                    "messages": [orjson.Fragment(delivery.frame) for delivery in messages],
+                    "more": len(found) > limit,
+                }
+            )
+        )
+
+    app.asgi_app = ChatSocketRoute(replica, app.asgi_app)  # type: ignore[method-assign]
+    return app
+
+
+def _bad_request(code: str, detail: str) -> Response:
+    return json_response({"error": code, "detail": detail}, 400)
+
+
+def _page(assets: dict[str, bytes]) -> bytes:
+    """index.html with every asset URL versioned by the asset's content hash."""
+    html = STATIC.joinpath("index.html").read_text(encoding="utf-8")
+    for name, content in assets.items():
+        digest = hashlib.sha256(content).hexdigest()[:12]
+        html = html.replace(f'/static/{name}"', f'/static/{name}?v={digest}"')
+    return html.encode()
+
+
+def _content_type(name: str) -> str:
+    kinds = {
+        ".js": "text/javascript; charset=utf-8",
+        ".css": "text/css; charset=utf-8",
+        ".svg": "image/svg+xml",
+        ".png": "image/png",
+        ".ico": "image/x-icon",
+        ".webmanifest": "application/manifest+json",
+    }
+    for suffix, kind in kinds.items():
+        if name.endswith(suffix):
+            return kind
+    return "application/octet-stream"

@@ -1,0 +1,168 @@
+"""Protocol v1: what clients may send, and the one place where server frames are built (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+
+DEFAULT_ROOM = "lobby"
+NAME_MAX = 32
+TEXT_MAX = 2000
+REF_MAX = 64
+ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
+# Redis stream ids: "<milliseconds>-<sequence>". Anything else cannot be in a room's log.
+MESSAGE_ID_PATTERN = re.compile(r"(\d{1,20})-(\d{1,20})")
+
+# A server frame may carry several objects, one per line; compact JSON never contains a raw newline.
+FRAME_SEPARATOR = b"\n"
+
+
+class ProtocolError(Exception):
+    """A client frame the server refuses; becomes an `error` frame and the connection stays usable."""
+
+    def __init__(self, code: str, detail: str, ref: str | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.ref = ref
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    name: str
+    room: str
+    since: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    text: str
+    ref: str | None
+
+
+MessageId = tuple[int, int]
+
+
+def parse_message_id(raw: str) -> MessageId | None:
+    """The sortable form of a message id, or None when `raw` cannot be one."""
+    match = MESSAGE_ID_PATTERN.fullmatch(raw)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_client_frame(data: str | bytes) -> Join | Say:
+    if isinstance(data, bytes):
+        raise ProtocolError("bad_json", "Send text frames holding one JSON object; binary frames are not used.")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("bad_json", "That frame is not valid JSON.") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_json", 'A frame must be one JSON object, like {"type": "say", ...}.')
+    kind = obj.get("type")
+    if kind == "say":
+        return _parse_say(obj)
+    if kind == "join":
+        return _parse_join(obj)
+    raise ProtocolError("unknown_type", 'The "type" must be "join" or "say".', _ref_if_valid(obj))
+
+
+def _parse_join(obj: dict[str, object]) -> Join:
+    name = obj.get("name")
+    if not isinstance(name, str):
+        raise ProtocolError("invalid_name", "Pick a name: 1 to 32 characters.")
+    name = name.strip()
+    if not name or len(name) > NAME_MAX:
+        raise ProtocolError("invalid_name", f"A name has 1 to {NAME_MAX} characters.")
+    if _has_control(name, allowed=""):
+        raise ProtocolError("invalid_name", "A name cannot contain control characters such as newlines.")
+    room = obj.get("room", DEFAULT_ROOM)
+    if room is None:
+        room = DEFAULT_ROOM
+    if not isinstance(room, str) or not ROOM_PATTERN.fullmatch(room):
+        raise ProtocolError("invalid_room", "A room name has 1 to 32 of a-z, 0-9, - and _.")
+    since = obj.get("since")
+    if since is not None and not isinstance(since, str):
+        raise ProtocolError("invalid_since", '"since" must be the id of a message, as a string.')
+    return Join(name=name, room=room, since=since or None)
+
+
+def _parse_say(obj: dict[str, object]) -> Say:
+    ref = obj.get("ref")
+    if ref is not None and not (isinstance(ref, str) and len(ref) <= REF_MAX):
+        raise ProtocolError("invalid_ref", f'"ref" must be a string of at most {REF_MAX} characters.')
+    text = obj.get("text")
+    if not isinstance(text, str):
+        raise ProtocolError("invalid_text", "A message needs some text.", ref)
+    text = text.strip()
+    if not text:
+        raise ProtocolError("invalid_text", "A message needs some text.", ref)
+    if len(text) > TEXT_MAX:
+        raise ProtocolError("too_long", f"A message has at most {TEXT_MAX} characters.", ref)
+    if _has_control(text, allowed="\n\t"):
+        raise ProtocolError("invalid_text", "A message cannot contain control characters.", ref)
+    return Say(text=text, ref=ref)
+
+
+def _ref_if_valid(obj: dict[str, object]) -> str | None:
+    ref = obj.get("ref")
+    return ref if isinstance(ref, str) and len(ref) <= REF_MAX else None
+
+
+def _has_control(text: str, *, allowed: str) -> bool:
+    # Fast path: printable ASCII needs no per-character look-up.
+    if text.isascii() and text.isprintable():
+        return False
+    return any((unicodedata.category(char) == "Cc" and char not in allowed) or char in "\u2028\u2029" for char in text)
+
+
+# Server frames. Messages and presence events are built once, where they are published (broker), and reach
+# every recipient as the same string; the frames below are the per-connection ones.
+
+
+def message_body(room: str, name: str, text: str, ref: str | None) -> bytes:
+    """The fields of a message that the sender decides, as the tail of a JSON object: `"room":...}`.
+
+    The broker puts `{"type":"message","id":...,"ts":...,` in front once it knows the id.
+    """
+    fields: dict[str, str] = {"room": room, "name": name, "text": text}
+    if ref is not None:
+        fields["ref"] = ref
+    return orjson.dumps(fields)[1:]
+
+
+def welcome_frame(
+    *,
+    replica: str,
+    room: str,
+    name: str,
+    history: Sequence[bytes],
+    online: Sequence[str],
+    online_count: int,
+    resumed: bool,
+) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "welcome",
+            "replica": replica,
+            "room": room,
+            "name": name,
+            # Stored messages are already JSON: spliced in as they are, never parsed and re-encoded.
+            "history": [orjson.Fragment(message) for message in history],
+            "online": list(online),
+            "online_count": online_count,
+            "resumed": resumed,
+        }
+    )
+
+
+def error_frame(error: ProtocolError, *, retry_after_ms: int | None = None) -> bytes:
+    frame: dict[str, object] = {"type": "error", "code": error.code, "detail": error.detail, "ref": error.ref}
+    if retry_after_ms is not None:
+        frame["retry_after_ms"] = retry_after_ms
+    return orjson.dumps(frame)

@@ -1,0 +1,109 @@
+"""What one replica runs beside its HTTP routes: the broker, its rooms, its open connections, and the drain on
+shutdown that hands every client to another replica without losing a message."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from . import metrics
+from .broker import Broker, open_broker
+from .config import Settings
+from .connection import CLOSE_RESTART, Connection, Flusher
+from .rooms import Rooms
+
+log = logging.getLogger(__name__)
+
+
+class Replica:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self._broker: Broker | None = None
+        self._rooms: Rooms | None = None
+        self.flusher = Flusher(settings.coalesce_ms / 1000)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._idle = asyncio.Event()
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            raise RuntimeError("the replica has not started")
+        return self._broker
+
+    @property
+    def rooms(self) -> Rooms:
+        if self._rooms is None:
+            raise RuntimeError("the replica has not started")
+        return self._rooms
+
+    async def start(self) -> None:
+        # Made here, on the serving loop, never at import: an asyncio Redis client belongs to the loop that made it.
+        self._broker = open_broker(self.settings)
+        self._rooms = Rooms(self._broker, self.settings)
+        self._tasks = [
+            asyncio.create_task(_forever("fan_out", self._rooms.fan_out)),
+            asyncio.create_task(_forever("keep_presence", self._rooms.keep_presence)),
+        ]
+        metrics.watch_outboxes(self.outbox_total, self.outbox_largest)
+        # Everything alive now (modules, the app) lives as long as the process: keep it out of every GC pass.
+        gc.freeze()
+        log.info(
+            "replica started",
+            extra={"event": "started", "broker": type(self._broker).__name__, "replica": self.settings.replica_name},
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._broker is not None:
+            await self._broker.close()
+
+    def opened(self, connection: Connection) -> None:
+        self.connections.add(connection)
+        self._idle.clear()
+        metrics.CONNECTIONS.set(len(self.connections))
+
+    def closed(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        metrics.CONNECTIONS.set(len(self.connections))
+        if not self.connections:
+            self._idle.set()
+
+    async def drain(self) -> None:
+        """On SIGTERM: /health turns 503 and new sockets are refused (nginx sends them to another replica); after
+        a short drain every socket is closed with 1012 once its outbox is written, so clients resume elsewhere."""
+        self.draining = True
+        log.info("draining", extra={"event": "draining", "connections": len(self.connections)})
+        await asyncio.sleep(self.settings.drain_seconds)
+        for connection in list(self.connections):
+            connection.close(CLOSE_RESTART, "replica restarting")
+        if self.connections:
+            try:
+                await asyncio.wait_for(self._idle.wait(), 5.0)
+            except TimeoutError:
+                log.warning("connections still open after drain", extra={"event": "drain_timeout"})
+        log.info("drained", extra={"event": "drained"})
+
+    def outbox_total(self) -> int:
+        return sum(len(c.pending) + len(c.held) for c in list(self.connections))
+
+    def outbox_largest(self) -> int:
+        return max((len(c.pending) + len(c.held) for c in list(self.connections)), default=0)
+
+
+async def _forever(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Background loops must outlive a bug in one pass: log it and start again."""
+    while True:
+        try:
+            await run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background task failed; restarting", extra={"event": "task_failed", "task": name})
+            await asyncio.sleep(1.0)
