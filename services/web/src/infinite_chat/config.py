@@ -52,7 +52,7 @@ class Settings:
     rate_burst: int = 10
     outbox_limit: int = 1_000
     # Under load, at most one frame per connection per this many milliseconds; when quiet, no wait at all.
-    coalesce_ms: float = 10.0
+    coalesce_ms: float = 0.0
     presence_ttl: float = 20.0
     presence_list_max: int = 100
     allowed_origins: frozenset[str] = frozenset()

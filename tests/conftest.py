@@ -1,0 +1,26 @@
+"""Fixtures shared by every kind of test. The markers follow the folders: tests/unit, tests/system, tests/browser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="also run long variants (soak, long fuzz)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
+        if kind in ("unit", "system", "browser"):
+            item.add_marker(kind)
+    if not config.getoption("--long"):
+        # Long variants are opt-in and documented; they are not part of a normal run, and say so.
+        deselected = [item for item in items if item.get_closest_marker("long")]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if not item.get_closest_marker("long")]

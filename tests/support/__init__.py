@@ -1,0 +1,1 @@
+"""Helpers for the tests: the Compose stack under test and a protocol v1 client."""

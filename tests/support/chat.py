@@ -1,0 +1,172 @@
+"""A protocol v1 client for tests: keeps every object the server sent, in order, and waits for conditions with a
+deadline (never a sleep-and-hope)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+Obj = dict[str, Any]
+
+
+async def eventually(condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Waits until `condition()` holds; fails with `what` when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def eventually_async(
+    condition: Callable[[], Awaitable[bool]], *, timeout: float, what: str, interval: float = 0.2
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class ChatClient:
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.objects: list[Obj] = []
+        self.frames = 0
+        self.welcome: Obj | None = None
+        self.close_code: int | None = None
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, url: str, *, origin: str | None = None, **options: Any) -> ChatClient:
+        headers = {"Origin": origin} if origin else None
+        ws = await websockets.connect(
+            url, additional_headers=headers, compression=None, open_timeout=15, max_size=None, **options
+        )
+        return cls(ws)
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self.ws:
+                self.frames += 1
+                text = frame if isinstance(frame, str) else frame.decode()
+                # A server frame holds one or more objects, one per line.
+                for line in text.split("\n"):
+                    self.objects.append(json.loads(line))
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.close_code = self.ws.close_code if self.ws.close_code is not None else 1006
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.done()
+
+    @property
+    def replica(self) -> str:
+        assert self.welcome is not None, "not joined"
+        return str(self.welcome["replica"])
+
+    async def send_raw(self, data: str | bytes) -> None:
+        await self.ws.send(data)
+
+    async def send(self, obj: Obj) -> None:
+        await self.ws.send(json.dumps(obj))
+
+    async def join(self, name: str, room: str | None = "lobby", since: str | None = None, timeout: float = 15) -> Obj:
+        frame: Obj = {"type": "join", "name": name}
+        if room is not None:
+            frame["room"] = room
+        if since is not None:
+            frame["since"] = since
+        start = len(self.objects)
+        await self.send(frame)
+        reply = await self.wait_for(lambda o: o["type"] in ("welcome", "error"), timeout=timeout, start=start)
+        if reply["type"] == "error":
+            raise AssertionError(f"join refused: {reply}")
+        self.welcome = reply
+        return reply
+
+    async def say(self, text: str, ref: str | None = None) -> None:
+        frame: Obj = {"type": "say", "text": text}
+        if ref is not None:
+            frame["ref"] = ref
+        await self.send(frame)
+
+    async def say_and_wait(self, text: str, ref: str, timeout: float = 10) -> Obj:
+        """Says something and returns the server's reply to it: its own message (accepted) or an error."""
+        start = len(self.objects)
+        await self.say(text, ref)
+        return await self.wait_for(
+            lambda o: o.get("ref") == ref and o["type"] in ("message", "error"), timeout=timeout, start=start
+        )
+
+    def of_type(self, kind: str) -> list[Obj]:
+        return [obj for obj in self.objects if obj["type"] == kind]
+
+    def messages(self) -> list[Obj]:
+        """Every message received: the welcome's history first, then live ones."""
+        history: list[Obj] = []
+        for obj in self.objects:
+            if obj["type"] == "welcome":
+                history.extend(obj["history"])
+        return history + self.of_type("message")
+
+    def texts(self) -> list[str]:
+        return [str(m["text"]) for m in self.messages()]
+
+    async def wait_for(self, predicate: Callable[[Obj], bool], *, timeout: float = 10, start: int = 0) -> Obj:
+        deadline = time.monotonic() + timeout
+        index = start
+        while True:
+            while index < len(self.objects):
+                obj = self.objects[index]
+                index += 1
+                if predicate(obj):
+                    return obj
+            if self.closed:
+                raise AssertionError(f"connection closed ({self.close_code}) while waiting; got {self.objects[start:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s; received since: {self.objects[start:][-10:]}")
+            await asyncio.sleep(0.02)
+
+    async def wait_closed(self, timeout: float = 10) -> int:
+        await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+        assert self.close_code is not None
+        return self.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.wait_for(asyncio.shield(self._reader), 10)
+
+
+async def client_on(
+    url: str, replica: str | None, *, name: str, room: str, origin: str | None = None, attempts: int = 40
+) -> ChatClient:
+    """A joined client on the given replica (or on any, for None). nginx sends a new socket to the replica with the
+    fewest, so sockets that land elsewhere stay open until one lands right, then close."""
+    others: list[ChatClient] = []
+    try:
+        for _ in range(attempts):
+            client = await ChatClient.open(url, origin=origin)
+            await client.join(name, room)
+            if replica is None or client.replica == replica:
+                return client
+            others.append(client)
+        raise AssertionError(f"no connection landed on replica {replica} in {attempts} attempts")
+    finally:
+        for other in others:
+            await other.close()
+
+
+async def clients_on_each_replica(
+    url: str, replicas: list[str], *, room: str, prefix: str = "user"
+) -> list[ChatClient]:
+    """One joined client per replica, in the order given."""
+    return [await client_on(url, replica, name=f"{prefix}-{i}", room=room) for i, replica in enumerate(replicas)]

@@ -1,0 +1,164 @@
+"""The Compose stack under test: started once per session under a project name and host port of its own, so a
+stack started by scripts/up is never touched, and torn down with its volume at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from testcontainers.compose import DockerCompose
+
+ROOT = Path(__file__).resolve().parents[2]
+STACK_ENV = ROOT / "tests" / "stack.env"
+
+
+class DockerMissing(RuntimeError):
+    pass
+
+
+def require_docker() -> None:
+    """Tests that need Docker fail loudly without it; they never skip."""
+    for command in (["docker", "info"], ["docker", "compose", "version"]):
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as error:
+            raise DockerMissing(
+                f"`{' '.join(command)}` failed ({error}); run the tests with scripts/test, which prepares Docker"
+            ) from None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Stack:
+    project: str
+    http_port: int
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.http_port}/ws"
+
+    @property
+    def origin(self) -> str:
+        return self.base_url
+
+    def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker", "compose", "--env-file", str(STACK_ENV), *args],
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker", *args], check=check, capture_output=True, text=True, timeout=timeout)
+
+    def containers(self, service: str, *, all_states: bool = False) -> list[str]:
+        """Container names of a service, in replica order (web-1, web-2, ...)."""
+        args = ["ps", "--format", "{{.Name}}"] + (["--all"] if all_states else []) + [service]
+        names = [line for line in self.compose(*args).stdout.split() if line]
+        return sorted(names, key=lambda name: int(name.rsplit("-", 1)[1]))
+
+    def web_containers(self) -> list[str]:
+        return self.containers("web")
+
+    def replica_name(self, container: str) -> str:
+        """What the replica in this container calls itself (its hostname, as /health and welcome say)."""
+        return self.docker("inspect", "--format", "{{.Config.Hostname}}", container).stdout.strip()
+
+    def states(self) -> dict[str, str]:
+        """Container name -> 'healthy', 'unhealthy', 'starting', or the container state when it has no health."""
+        out = self.compose("ps", "--all", "--format", "json").stdout
+        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return {row["Name"]: (row.get("Health") or row.get("State") or "") for row in rows}
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            states = self.states()
+            if states and all(state == "healthy" for state in states.values()):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"stack not healthy within {timeout}s: {states}")
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=10)
+
+    def get(self, path: str, **kwargs: object) -> httpx.Response:
+        with self.http() as client:
+            return client.get(path, **kwargs)  # type: ignore[arg-type]
+
+    def exec(self, container: str, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.docker("exec", container, *command, check=check)
+
+    def replica_metrics(self, container: str) -> dict[str, float]:
+        """The replica's /metrics (not reachable through nginx), read from inside its container."""
+        script = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8000/metrics').read().decode())"
+        text = self.exec(container, "python3", "-c", script).stdout
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+
+@contextmanager
+def running_stack() -> Iterator[Stack]:
+    require_docker()
+    project = f"chat-test-{secrets.token_hex(3)}"
+    stack = Stack(
+        project=project,
+        http_port=free_port(),
+        env={
+            "COMPOSE_PROJECT_NAME": project,
+            "HTTP_BIND": "127.0.0.1",
+            "REDIS_PASSWORD": secrets.token_hex(16),
+            # Images of their own: another test session building other sources at the same time is not mixed in.
+            "IMAGE_TAG": project,
+        },
+    )
+    stack.env["HTTP_PORT"] = str(stack.http_port)
+    saved = {key: os.environ.get(key) for key in stack.env}
+    os.environ.update(stack.env)  # testcontainers runs docker compose with this process's environment
+    compose = DockerCompose(ROOT, env_file=[str(STACK_ENV)], build=True, wait=True, quiet_build=True)
+    try:
+        compose.start()
+        yield stack
+    except subprocess.CalledProcessError as error:
+        raise AssertionError(f"docker compose failed: {error.stderr or error.stdout}") from None
+    finally:
+        try:
+            compose.stop()
+        finally:
+            images = stack.docker("images", "--quiet", "--filter", f"reference=*/*:{project}", check=False).stdout
+            if images.split():
+                stack.docker("image", "rm", "--force", *set(images.split()), check=False)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
