@@ -1,19 +1,12 @@
-"""The system tests share one Compose stack per session (see support/stack.py)."""
+"""Fixtures of the system tests (the `stack` itself is shared with the browser tests: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import pytest
 
-from support.stack import Stack, running_stack
-
-
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
-    with running_stack() as started:
-        yield started
+from support.stack import Stack
 
 
 @pytest.fixture
