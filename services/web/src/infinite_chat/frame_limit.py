@@ -1,15 +1,27 @@
-"""Refuse an oversized WebSocket frame before it is held in memory.
+"""Two fixes to how Hypercorn reads WebSocket frames: refuse an oversized frame before it is held in memory, and
+close with a close frame (not a dropped connection) when a client sends frames that cannot be parsed.
 
 Hypercorn 0.18 checks `websocket_max_message_size` only after appending each fragment to its buffer, and keeps
 appending the rest of an oversized frame after it has sent close 1009: a client could make a replica hold a frame
 of any size. This checks the size before appending, so a replica holds at most MAX_FRAME_BYTES per connection
-whatever a client sends. It replaces one method and checks that the method it replaces is the one it knows.
+whatever a client sends.
+
+When wsproto cannot parse what a client sent (invalid UTF-8 in a text frame, a reserved opcode, an unmasked
+frame), it reports a close with the right code (1007, 1002) but leaves the connection open; Hypercorn answers
+with a close frame only when the peer began the close, so it dropped the TCP connection instead and the client saw
+1006, indistinguishable from a crash. RFC 6455 7.1.7 says to fail the connection with a close frame; marking the
+connection as closed by the peer makes Hypercorn send exactly that.
+
+Each fix replaces one thing and checks that what it replaces is the one it knows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 from hypercorn.protocol import ws_stream
-from wsproto.events import Message
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import CloseConnection, Event, Message
 
 _original_extend = ws_stream.WebsocketBuffer.extend
 
@@ -20,9 +32,26 @@ def _extend_within_limit(self: ws_stream.WebsocketBuffer, event: Message) -> Non
     _original_extend(self, event)
 
 
-def refuse_oversized_frames_early() -> None:
-    if ws_stream.WebsocketBuffer.extend is _extend_within_limit:
-        return
-    if _original_extend.__code__.co_varnames[:2] != ("self", "event"):
-        raise RuntimeError("hypercorn's WebsocketBuffer changed: review infinite_chat/frame_limit.py")
-    ws_stream.WebsocketBuffer.extend = _extend_within_limit  # type: ignore[method-assign]
+class _FailingWithCloseFrame(Connection):
+    """wsproto's connection, but a frame it cannot parse leaves it as if the client had sent that close."""
+
+    def events(self) -> Generator[Event, None, None]:
+        for event in super().events():
+            if isinstance(event, CloseConnection) and self.state is ConnectionState.OPEN:
+                # Only a parse failure yields a close while OPEN (a client's own close frame moves the state first).
+                self._state = ConnectionState.REMOTE_CLOSING
+            yield event
+
+
+def harden_websocket_reading() -> None:
+    """Installs both fixes (idempotent)."""
+    if ws_stream.WebsocketBuffer.extend is not _extend_within_limit:
+        if _original_extend.__code__.co_varnames[:2] != ("self", "event"):
+            raise RuntimeError("hypercorn's WebsocketBuffer changed: review infinite_chat/frame_limit.py")
+        ws_stream.WebsocketBuffer.extend = _extend_within_limit  # type: ignore[method-assign]
+    # Hypercorn makes each connection through the name it imported: that name is what is replaced.
+    current = getattr(ws_stream, "Connection", None)
+    if current is not _FailingWithCloseFrame:
+        if current is not Connection or not hasattr(Connection(ConnectionType.SERVER), "_state"):
+            raise RuntimeError("hypercorn's or wsproto's Connection changed: review infinite_chat/frame_limit.py")
+        setattr(ws_stream, "Connection", _FailingWithCloseFrame)  # noqa: B010

@@ -15,7 +15,7 @@ from quart import Quart
 from . import logs
 from .app import create_app
 from .config import ConfigError, Settings
-from .frame_limit import refuse_oversized_frames_early
+from .frame_limit import harden_websocket_reading
 from .replica import Replica
 
 
@@ -57,5 +57,5 @@ def main() -> None:
         print(f"infinite-chat: configuration error: {error}", file=sys.stderr)
         sys.exit(2)
     logs.configure(settings.replica_name, settings.log_level)
-    refuse_oversized_frames_early()
+    harden_websocket_reading()
     uvloop.run(serve_until_stopped(create_app(settings), hypercorn_config(settings)))
