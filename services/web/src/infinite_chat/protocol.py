@@ -14,8 +14,11 @@ NAME_MAX = 32
 TEXT_MAX = 2000
 REF_MAX = 64
 ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
-# Redis stream ids: "<milliseconds>-<sequence>". Anything else cannot be in a room's log.
-MESSAGE_ID_PATTERN = re.compile(r"(\d{1,20})-(\d{1,20})")
+# Redis stream ids: "<milliseconds>-<sequence>", each part an unsigned 64-bit number. Anything else cannot be in a
+# room's log. At most 19 digits, so that every string that matches is also one Redis accepts (2**64 has 20 digits):
+# Redis answers a larger number with an error, which would look like an outage. [0-9], not \d: \d also matches
+# other scripts' digits ("١-٠"), which Python's int() reads but Redis does not.
+MESSAGE_ID_PATTERN = re.compile(r"([0-9]{1,19})-([0-9]{1,19})")
 
 # A server frame may carry several objects, one per line; compact JSON never contains a raw newline.
 FRAME_SEPARATOR = b"\n"
