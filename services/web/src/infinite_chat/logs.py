@@ -25,6 +25,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "replica": self.replica,
             "logger": record.name,
+            # Every line has an event to filter on; lines from libraries (Hypercorn) that name none get "log".
+            "event": "log",
             "msg": record.getMessage(),
         }
         for key, value in record.__dict__.items():

@@ -23,6 +23,13 @@ MESSAGES_REFUSED = Counter("chat_messages_refused", "Client frames refused, by e
 SLOW_CONSUMERS = Counter("chat_slow_consumers", "Connections closed because their outbox overflowed.")
 REDIS_ERRORS = Counter("chat_redis_errors", "Redis calls that failed, by kind.", ["kind"])
 REDIS_RECONNECTS = Counter("chat_redis_reconnects", "Times the fan-out subscription was lost and retried.")
+# Labelled series exist only once used, and rate() cannot see a series' first increment: start the usual ones at 0
+# so that a first error shows up in graphs and alerts. Codes not listed here (protocol.md) appear on first use.
+for _kind in ("command", "subscribe"):
+    REDIS_ERRORS.labels(_kind)
+for _code in ("bad_json", "invalid_text", "too_long", "not_joined", "rate_limited", "unavailable"):
+    MESSAGES_REFUSED.labels(_code)
+
 OUTBOX_MESSAGES = Gauge("chat_outbox_messages", "Objects waiting in all outboxes of this replica.")
 OUTBOX_MAX = Gauge("chat_outbox_max_messages", "Objects waiting in the fullest outbox of this replica.")
 
