@@ -1,0 +1,548 @@
+"""One generator process: its share of the clients, their sends, and what each of them receives.
+
+The parent (runner.py) drives it step by step over a pipe. The receive path is the hot one: a frame is never
+JSON-parsed when it carries the step's marker; the marker's fields are read from the bytes (as fanout.mjs does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import resource
+from array import array
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from time import monotonic_ns
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import uvloop
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Origin
+
+from chatbench.accounting import ClientLog, Message
+
+PAD = " the quick brown fox jumps over the lazy dog" * 60
+ERROR_TYPE = b'"type":"error"'
+SAMPLES = 5  # error and disconnect samples kept, per process
+
+
+# ---------------------------------------------------------------- what the parent and a worker say
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    proc: int
+    url: str
+    origin: str
+    clients: list[tuple[int, int]]  # (client index, room index), this process's share
+    room_prefix: str
+    name_prefix: str
+    connect_concurrency: int
+    connect_timeout_s: float
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    pass
+
+
+@dataclass(slots=True)
+class Connected:
+    attempted: int = 0
+    connected: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    connect_ms: list[float] = field(default_factory=list)
+    replicas: dict[int, str] = field(default_factory=dict)  # client index -> the replica its welcome named
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    max_s: float
+    quiet_ms: float = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    quiet: bool
+    late: int  # deliveries of the last closed step that arrived after it closed
+    late_max_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class StartStep:
+    tag: str
+    slots: list[tuple[int, int]]  # (global slot number, client index): one poisson/uniform sender each
+    total_slots: int
+    rate_per_sender: float
+    arrival: str  # poisson, uniform or aligned
+    seed: int
+    t0_ns: int
+    measure_from_ns: int
+    measure_to_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Poll:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    sending_done: bool
+    sent_by_room: dict[int, int]  # measured messages sent, per room
+    open_by_room: dict[int, int]  # this process's clients open now, per room
+    open_clients: list[tuple[int, int]]  # (client index, room) of those open now
+    received: int  # measured deliveries so far, duplicates included
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    pass
+
+
+@dataclass(slots=True)
+class StepData:
+    proc: int
+    messages: list[Message]
+    clients: list[ClientLog]  # clients open when the step began
+    lag_ns: array[int]  # how late each measured message was sent against its schedule
+    errors: dict[str, int]  # error frames by code during the step
+    send_failures: int  # sends on a socket that had closed
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    pass
+
+
+@dataclass(slots=True)
+class Frames:
+    """Every frame received during the run, by kind (fanout.mjs `frames`)."""
+
+    total: int = 0
+    message: int = 0  # deliveries carrying the current step's marker
+    foreign: int = 0  # `message` objects without it (an earlier step's, or someone else's)
+    malformed: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    error_samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Finished:
+    frames: Frames
+    disconnects: int
+    disconnect_samples: list[dict[str, int | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: str
+
+
+# ---------------------------------------------------------------- the process
+
+
+class Client:
+    __slots__ = ("closed_ns", "in_step", "index", "keys", "latencies", "name", "ready", "room", "ws")
+
+    def __init__(self, index: int, room: int, name: str) -> None:
+        self.index = index
+        self.room = room
+        self.name = name
+        self.ws: ClientConnection | None = None
+        self.ready = False
+        self.in_step = False
+        self.closed_ns: int | None = None
+        self.keys: array[int] = array("q")
+        self.latencies: array[int] = array("q")
+
+
+class Step:
+    __slots__ = (
+        "closed",
+        "errors",
+        "lag_ns",
+        "late",
+        "late_max_ns",
+        "mark",
+        "measure_from",
+        "measure_to",
+        "messages",
+        "received",
+        "send_failures",
+        "sending",
+        "sent_by_room",
+        "tag",
+    )
+
+    def __init__(self, tag: str, measure_from: int, measure_to: int) -> None:
+        self.tag = tag
+        self.mark = f"~{tag}:".encode()
+        self.measure_from = measure_from
+        self.measure_to = measure_to
+        self.messages: list[Message] = []
+        self.sent_by_room: dict[int, int] = {}
+        self.lag_ns: array[int] = array("q")
+        self.received = 0
+        self.closed = False
+        self.late = 0
+        self.late_max_ns = 0
+        self.errors: dict[str, int] = {}
+        self.send_failures = 0
+        self.sending: asyncio.Task[None] | None = None
+
+
+class Worker:
+    def __init__(self, conn: Connection, setup: Setup) -> None:
+        self.conn = conn
+        self.setup = setup
+        self.proc = setup.proc
+        self.clients = [Client(i, r, f"{setup.name_prefix}{i}") for i, r in setup.clients]
+        self.by_index = {c.index: c for c in self.clients}
+        self.frames = Frames()
+        self.step: Step | None = None
+        self.stopping = False
+        self.disconnects = 0
+        self.disconnect_samples: list[dict[str, int | None]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # ---- command loop
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as reader:
+            while True:
+                command = await loop.run_in_executor(reader, self.conn.recv)
+                try:
+                    reply = await self.handle(command)
+                except Exception as error:  # the parent must hear about it, not wait forever
+                    reply = Failed(f"{type(error).__name__}: {error}")
+                self.conn.send(reply)
+                if isinstance(command, Stop):
+                    return
+
+    async def handle(self, command: object) -> object:
+        match command:
+            case Connect():
+                return await self.connect_all()
+            case Settle(max_s=max_s, quiet_ms=quiet_ms):
+                return await self.settle(max_s, quiet_ms)
+            case StartStep():
+                self.start_step(command)
+                return None
+            case Poll():
+                return self.progress()
+            case Close():
+                return await self.close_step()
+            case Report():
+                return Finished(self.frames, self.disconnects, self.disconnect_samples)
+            case Stop():
+                await self.close_all()
+                return None
+        raise ValueError(f"unknown command {command!r}")
+
+    # ---- connecting
+
+    async def connect_all(self) -> Connected:
+        report = Connected()
+        gate = asyncio.Semaphore(max(1, self.setup.connect_concurrency))
+
+        async def one(client: Client) -> None:
+            async with gate:
+                await self.connect_one(client, report)
+
+        await asyncio.gather(*(one(c) for c in self.clients))
+        return report
+
+    async def connect_one(self, client: Client, report: Connected) -> None:
+        setup = self.setup
+        report.attempted += 1
+        started = monotonic_ns()
+        ws: ClientConnection | None = None
+        room = f"{setup.room_prefix}-{client.room}"
+        try:
+            async with asyncio.timeout(setup.connect_timeout_s):
+                ws = await connect(
+                    setup.url,
+                    origin=Origin(setup.origin),
+                    compression=None,
+                    proxy=None,
+                    open_timeout=None,
+                    ping_interval=None,  # the server pings; the generator's own pings would only add frames
+                    close_timeout=2,
+                    max_size=2**24,
+                    user_agent_header="chatbench",
+                )
+                await ws.send(orjson.dumps({"type": "join", "name": client.name, "room": room}).decode())
+                while True:
+                    data = await ws.recv(decode=False)
+                    self.frames.total += 1
+                    verdict = self.handshake_frame(client, data, report)
+                    if verdict is not None:
+                        break
+            if verdict:
+                raise ConnectionError(verdict)
+        except Exception as error:
+            report.errors += 1
+            if len(report.error_samples) < SAMPLES:
+                report.error_samples.append(f"{setup.url} {client.name}: {type(error).__name__}: {error}")
+            if ws is not None:
+                ws.transport.abort()
+            return
+        client.ws = ws
+        client.ready = True
+        report.connected += 1
+        report.connect_ms.append((monotonic_ns() - started) / 1e6)
+        task = asyncio.get_running_loop().create_task(self.read(client, ws))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def handshake_frame(self, client: Client, data: bytes, report: Connected) -> str | None:
+        """None: keep waiting; "": welcomed; else why the join failed."""
+        for obj in self.objects(data):
+            kind = str(obj.get("type")) if isinstance(obj, dict) else "non_object"
+            self.frames.by_type[kind] = self.frames.by_type.get(kind, 0) + 1
+            if kind == "welcome" and isinstance(obj, dict):
+                report.replicas[client.index] = str(obj.get("replica", ""))
+                return ""
+            if kind == "error" and isinstance(obj, dict):
+                return f"error {obj.get('code')}: {obj.get('detail', '')}"
+        return None
+
+    # ---- receiving
+
+    async def read(self, client: Client, ws: ClientConnection) -> None:
+        on_frame = self.on_frame
+        try:
+            while True:
+                on_frame(client, await ws.recv(decode=False))
+        except ConnectionClosed:
+            pass
+        finally:
+            if client.ready:
+                client.ready = False
+                client.closed_ns = monotonic_ns()
+                if not self.stopping:
+                    self.disconnects += 1
+                    if len(self.disconnect_samples) < SAMPLES:
+                        self.disconnect_samples.append({"client": client.index, "code": ws.close_code})
+
+    def on_frame(self, client: Client, data: bytes) -> None:
+        now = monotonic_ns()
+        frames = self.frames
+        frames.total += 1
+        step = self.step
+        # Before the first step there is no marker: an empty one would match everywhere (the fanout.mjs bug).
+        at = data.find(step.mark) if step is not None else -1
+        if at < 0 or step is None:
+            self.other_frame(client, data)
+            return
+        mark = step.mark
+        skip = len(mark)
+        low, high = step.measure_from, step.measure_to
+        keys, latencies = client.keys, client.latencies
+        while at >= 0:
+            start = at + skip
+            end = data.find(b"~", start)
+            if end < 0:
+                frames.malformed += 1
+                break
+            fields = data[start:end].split(b":")
+            at = data.find(mark, end)
+            try:
+                proc, idx, sent = int(fields[0]), int(fields[1]), int(fields[2])
+            except (ValueError, IndexError):
+                frames.malformed += 1
+                continue
+            frames.message += 1
+            if sent < low or sent >= high:
+                continue  # sent during the warm-up: not counted
+            if step.closed:
+                step.late += 1
+                step.late_max_ns = max(step.late_max_ns, now - sent)
+                continue
+            step.received += 1
+            keys.append(proc << 32 | idx)
+            latencies.append(now - sent)
+        if ERROR_TYPE in data:  # an error reply may share a frame with deliveries
+            for obj in self.objects(data):
+                if isinstance(obj, dict) and obj.get("type") == "error":
+                    self.other_object(client, obj)
+
+    @staticmethod
+    def objects(data: bytes) -> list[object]:
+        """A server frame holds one or more JSON objects, one per line."""
+        out: list[object] = []
+        for line in data.split(b"\n"):
+            if line.strip():
+                try:
+                    out.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    out.append(None)
+        return out
+
+    def other_frame(self, client: Client, data: bytes) -> None:
+        for obj in self.objects(data):
+            self.other_object(client, obj)
+
+    def other_object(self, client: Client, obj: object) -> None:
+        frames = self.frames
+        if obj is None:
+            frames.malformed += 1
+            return
+        kind = str(obj.get("type")) if isinstance(obj, dict) else "non_object"
+        frames.by_type[kind] = frames.by_type.get(kind, 0) + 1
+        if kind == "message":
+            frames.foreign += 1
+        elif kind == "error" and isinstance(obj, dict):
+            code = str(obj.get("code"))
+            frames.errors[code] = frames.errors.get(code, 0) + 1
+            if self.step is not None and not self.step.closed:
+                self.step.errors[code] = self.step.errors.get(code, 0) + 1
+            if len(frames.error_samples) < SAMPLES:
+                frames.error_samples.append({"client": client.index, **obj})
+
+    # ---- settling
+
+    async def settle(self, max_s: float, quiet_ms: float) -> Settled:
+        """Waits until no frame arrived for `quiet_ms` (at most `max_s`), so a step does not inherit a backlog."""
+        deadline = monotonic_ns() + int(max_s * 1e9)
+        last, quiet_since = self.frames.total, monotonic_ns()
+        quiet = False
+        while monotonic_ns() < deadline:
+            await asyncio.sleep(0.05)
+            if self.frames.total != last:
+                last, quiet_since = self.frames.total, monotonic_ns()
+            elif monotonic_ns() - quiet_since >= quiet_ms * 1e6:
+                quiet = True
+                break
+        step = self.step
+        late, late_max = (step.late, step.late_max_ns / 1e6) if step is not None else (0, 0.0)
+        return Settled(quiet, late, round(late_max, 1))
+
+    # ---- sending
+
+    def start_step(self, command: StartStep) -> None:
+        step = Step(command.tag, command.measure_from_ns, command.measure_to_ns)
+        for client in self.clients:
+            client.in_step = client.ready
+            client.closed_ns = None
+            client.keys = array("q")
+            client.latencies = array("q")
+        self.step = step
+        step.sending = asyncio.get_running_loop().create_task(self.send_loop(step, command))
+
+    async def send_loop(self, step: Step, command: StartStep) -> None:
+        """One timer for all of this process's senders, like fanout.mjs: each slot is an independent sender."""
+        rng = random.Random(command.seed * 1000 + self.proc)
+        period = 1e9 / command.rate_per_sender if command.rate_per_sender > 0 else math.inf
+        poisson = command.arrival == "poisson"
+
+        def gap() -> float:
+            return -math.log(1.0 - rng.random()) * period if poisson else period
+
+        slots = [(self.by_index[c], k) for k, c in command.slots]
+        due: list[float] = []
+        for _, k in slots:
+            offset = gap() if poisson else (k / command.total_slots * period if command.arrival == "uniform" else 0)
+            due.append(command.t0_ns + offset)
+        mine = command.rate_per_sender * len(slots)
+        interval = min(5.0, max(1.0, 500 / max(1.0, mine))) / 1000
+        end = command.measure_to_ns
+        delay = (command.t0_ns - monotonic_ns()) / 1e9
+        if delay > 0:
+            await asyncio.sleep(delay)
+        while True:
+            now = monotonic_ns()
+            if now >= end:
+                return
+            for n, (client, _) in enumerate(slots):
+                while due[n] <= now and due[n] < end:
+                    scheduled = due[n]
+                    due[n] += gap()
+                    if client.ready:
+                        await self.send_one(step, client, scheduled)
+            await asyncio.sleep(interval)
+
+    async def send_one(self, step: Step, client: Client, scheduled: float) -> None:
+        idx = len(step.messages)
+        now = monotonic_ns()
+        mark = f"~{step.tag}:{self.proc}:{idx}:{now}~"
+        size = self.setup.size
+        text = mark + PAD[: size - len(mark)] if size > len(mark) else mark
+        measured = step.measure_from <= now < step.measure_to
+        step.messages.append(Message(self.proc << 32 | idx, client.room, client.index, now, measured))
+        if measured:
+            step.sent_by_room[client.room] = step.sent_by_room.get(client.room, 0) + 1
+            step.lag_ns.append(max(0, now - int(scheduled)))
+        assert client.ws is not None
+        try:
+            await client.ws.send(f'{{"type":"say","text":"{text}","ref":"r{idx}"}}')
+        except ConnectionClosed:
+            step.send_failures += 1
+
+    def progress(self) -> Progress:
+        step = self.step
+        opened: dict[int, int] = {}
+        members = [(c.index, c.room) for c in self.clients if c.ready]
+        for _, room in members:
+            opened[room] = opened.get(room, 0) + 1
+        if step is None:
+            return Progress(True, {}, opened, members, 0)
+        done = step.sending is None or step.sending.done()
+        return Progress(done, dict(step.sent_by_room), opened, members, step.received)
+
+    async def close_step(self) -> StepData:
+        step = self.step
+        if step is None:
+            raise RuntimeError("no step to close")
+        if step.sending is not None:
+            await step.sending
+        step.closed = True  # from here on, this step's deliveries only count as late
+        logs = [ClientLog(c.index, c.room, c.keys, c.latencies, c.closed_ns) for c in self.clients if c.in_step]
+        return StepData(self.proc, step.messages, logs, step.lag_ns, dict(step.errors), step.send_failures)
+
+    # ---- stopping
+
+    async def close_all(self) -> None:
+        self.stopping = True
+        open_ = [c.ws for c in self.clients if c.ws is not None and c.ready]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await asyncio.gather(*(ws.close() for ws in open_), return_exceptions=True)
+        for ws in open_:
+            ws.transport.abort()
+
+
+def run(conn: Connection, setup: Setup) -> None:
+    """The worker process's main: one uvloop event loop for its clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = len(setup.clients) + 256
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(want, soft)), hard))
+    if urlsplit(setup.url).scheme not in ("ws", "wss"):
+        raise ValueError(f"not a WebSocket URL: {setup.url}")
+    profile = os.environ.get("CHATBENCH_PROFILE")  # where this process's own time goes (bench/README.md)
+    if not profile:
+        uvloop.run(Worker(conn, setup).serve())
+        return
+    import cProfile
+
+    with cProfile.Profile() as profiler:
+        uvloop.run(Worker(conn, setup).serve())
+    profiler.dump_stats(f"{profile}.{setup.proc}")
