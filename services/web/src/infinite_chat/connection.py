@@ -196,7 +196,9 @@ class Connection:
         self.held = []
         metrics.SLOW_CONSUMERS.inc()
         self.close(CLOSE_TRY_AGAIN, "too slow: reconnect with since")
-        self.on_overflow(self)
+        # Not now: this runs inside the fan-out's loop over the room's members, and taking a member out of that set
+        # mid-loop broke the loop and lost the message for everyone after it. Until then, CLOSING drops deliveries.
+        asyncio.get_running_loop().call_soon(self.on_overflow, self)
 
     def flush(self) -> None:
         """Called by the flusher: everything waiting, as one frame; then the close, if one was asked for."""
