@@ -429,3 +429,18 @@ def test_configuration_table_covers_every_variable() -> None:
     for source, names in (("config.py", settings_read()), ("compose", compose), (".env.example", example)):
         assert names <= documented, f"{source}: not in docs/operations.md: {sorted(names - documented)}"
     assert watch <= documented, f"upstream-watch: {sorted(watch - documented)}"
+
+
+def test_compose_passes_every_web_setting_but_the_documented_few() -> None:
+    compose = (ROOT / "docker-compose.yml").read_text()
+    web = compose.split("\n  web:\n", 1)[1].split("\n  nginx:\n", 1)[0]
+    environment = web.split("    environment:\n", 1)[1].split("\n    ulimits:", 1)[0]
+    passed = set(re.findall(r"^      ([A-Z][A-Z0-9_]*):", environment, re.M))
+    assert passed <= settings_read()
+    not_passed = {"PORT", "REPLICA_NAME", "REDIS_CA_FILE", "REDIS_PASSWORD_FILE", "MAX_FRAME_BYTES"}
+    assert settings_read() - passed == not_passed
+    # The docs name exactly these (and REDIS_URL, which Compose sets to its own Redis rather than from .env).
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    sentence = re.search(r"can be set in `\.env` except (.+?), which", docs, re.S)
+    assert sentence is not None
+    assert set(re.findall(r"`([A-Z_]+)`", sentence.group(1))) == not_passed | {"REDIS_URL"}
