@@ -3,8 +3,8 @@ close with a close frame (not a dropped connection) when a client sends frames t
 
 Hypercorn 0.18 checks `websocket_max_message_size` only after appending each fragment to its buffer, and keeps
 appending the rest of an oversized frame after it has sent close 1009: a client could make a replica hold a frame
-of any size. This checks the size before appending, so a replica holds at most MAX_FRAME_BYTES per connection
-whatever a client sends.
+of any size. This checks the size, in bytes, before appending, so a replica holds at most MAX_FRAME_BYTES per
+connection whatever a client sends.
 
 When wsproto cannot parse what a client sent (invalid UTF-8 in a text frame, a reserved opcode, an unmasked
 frame), it reports a close with the right code (1007, 1002) but leaves the connection open; Hypercorn answers
@@ -18,18 +18,23 @@ Each fix replaces one thing and checks that what it replaces is the one it knows
 from __future__ import annotations
 
 from collections.abc import Generator
+from io import BytesIO, StringIO
 
 from hypercorn.protocol import ws_stream
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import CloseConnection, Event, Message
-
-_original_extend = ws_stream.WebsocketBuffer.extend
+from wsproto.events import CloseConnection, Event, Message, TextMessage
 
 
 def _extend_within_limit(self: ws_stream.WebsocketBuffer, event: Message) -> None:  # type: ignore[type-arg]
-    if self.length + len(event.data) > self.max_length:
+    # Counted in bytes as sent (Hypercorn counts characters, which let a text frame of 4-byte characters be 64 KiB).
+    data = event.data
+    size = len(data) if isinstance(data, bytes | bytearray) or data.isascii() else len(data.encode())
+    if self.length + size > self.max_length:
         raise ws_stream.FrameTooLargeError()
-    _original_extend(self, event)
+    if self.value is None:
+        self.value = StringIO() if isinstance(event, TextMessage) else BytesIO()
+    self.value.write(data)
+    self.length += size
 
 
 class _FailingWithCloseFrame(Connection):
@@ -46,7 +51,8 @@ class _FailingWithCloseFrame(Connection):
 def harden_websocket_reading() -> None:
     """Installs both fixes (idempotent)."""
     if ws_stream.WebsocketBuffer.extend is not _extend_within_limit:
-        if _original_extend.__code__.co_varnames[:2] != ("self", "event"):
+        # The replacement fills the buffer's own fields, which to_message() and clear() read: check they are these.
+        if set(vars(ws_stream.WebsocketBuffer(1))) != {"value", "length", "max_length"}:
             raise RuntimeError("hypercorn's WebsocketBuffer changed: review infinite_chat/frame_limit.py")
         ws_stream.WebsocketBuffer.extend = _extend_within_limit  # type: ignore[method-assign]
     # Hypercorn makes each connection through the name it imported: that name is what is replaced.
