@@ -16,7 +16,7 @@ from chatbench import report
 from chatbench.crosscheck import FanoutCopy
 from chatbench.runner import Options, ScenarioRun
 from chatbench.scenarios import ALL, SCENARIOS, Scenario
-from chatbench.system import compose_project_of, discover
+from chatbench.system import compose_project_of, discover, restart
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -58,6 +58,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-concurrency", type=int, default=50, help="handshakes in flight at once, in all")
     p.add_argument("--rate-limit", type=float, default=5, help="the server's RATE_LIMIT; find-max stays under 0.8x")
     p.add_argument("--settle-max", type=float, default=5, help="longest wait for quiet between steps (s)")
+    p.add_argument(
+        "--restart-replicas",
+        action="store_true",
+        help="restart the web replicas before idle, so memory per connection is measured on fresh replicas",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--label", default="", help="copied into the results")
     p.add_argument("--results", type=Path, default=RESULTS, help="output folder (default bench/results)")
@@ -146,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             scenario = sized(SCENARIOS[name], args)
+            if args.restart_replicas and scenario.memory_per_connection and project:
+                log(f"{name}: restarting the replicas of {project} first (--restart-replicas)")
+                restart([c for c in options.containers if c.service == "web"])
+                options.containers = discover(project)  # new pids
             res = ScenarioRun(scenario, options).run()
             res["resized"] = scenario != SCENARIOS[name]
             if fanout is not None:

@@ -108,6 +108,14 @@ def notes(res: Result) -> list[str]:
                 for name, v in memory.get("replicas", {}).items()
             )
         )
+    if memory:
+        started = {c["name"]: c.get("started", "")[:19] for c in res.get("stack", {}).get("containers", [])}
+        out.append(
+            "  - replicas started at "
+            + ", ".join(f"{name} {started.get(name, '?')}" for name in memory.get("replicas", {}))
+            + f", this run at {res.get('started_at', '')[:19]}: the figure is only right on replicas that never held "
+            "this many connections before (bench/README.md)"
+        )
     target = res.get("target")
     if target:
         goal = ", ".join(f"{k} {v}" for k, v in target.items() if k != "met")

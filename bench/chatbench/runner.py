@@ -208,7 +208,10 @@ class ScenarioRun:
             "host": host_info(),
             "stack": {
                 "project": opt.project,
-                "containers": [{"name": c.name, "service": c.service, "hostname": c.hostname} for c in opt.containers],
+                "containers": [
+                    {"name": c.name, "service": c.service, "hostname": c.hostname, "started": c.started}
+                    for c in opt.containers
+                ],
                 "memory_mb_before": {
                     name: r1(s.memory_bytes / MB) for name, s in before.containers.items() if s.memory_bytes is not None
                 },

@@ -131,6 +131,7 @@ class Container:
     id: str
     pid: int  # its main process, in this machine's pid namespace
     hostname: str  # what a replica calls itself (the `replica` of its welcome)
+    started: str = ""  # when the container (re)started, as docker inspect says
     cpu_file: Path | None = None  # cpuacct.usage (ns, cgroup v1) or cpu.stat (usage_usec, cgroup v2)
     mem_files: tuple[Path, Path] | None = None  # usage, stat (to subtract inactive_file, as docker stats does)
 
@@ -176,17 +177,41 @@ def discover(project: str) -> list[Container]:
     ids = docker("ps", "--filter", f"label=com.docker.compose.project={project}", "--format", "{{.ID}}").split()
     if not ids:
         return []
-    fmt = '{{.Name}}|{{.Id}}|{{.State.Pid}}|{{.Config.Hostname}}|{{index .Config.Labels "com.docker.compose.service"}}'
+    fmt = "|".join(
+        [
+            "{{.Name}}",
+            "{{.Id}}",
+            "{{.State.Pid}}",
+            "{{.Config.Hostname}}",
+            '{{index .Config.Labels "com.docker.compose.service"}}',
+            "{{.State.StartedAt}}",
+        ]
+    )
     containers = []
     for line in docker("inspect", "--format", fmt, *ids).splitlines():
         if not line.strip():
             continue
-        name, cid, pid, hostname, service = line.split("|")
+        name, cid, pid, hostname, service, started = line.split("|")
         short = name.lstrip("/").removeprefix(f"{project}-")
-        container = Container(name=short, service=service, id=cid, pid=int(pid), hostname=hostname)
+        container = Container(name=short, service=service, id=cid, pid=int(pid), hostname=hostname, started=started)
         container.cpu_file, container.mem_files = _cgroup_files(int(pid))
         containers.append(container)
     return sorted(containers, key=lambda c: (c.service != "web", c.service, _number(c.name)))
+
+
+def restart(containers: list[Container], timeout: float = 180) -> None:
+    """Restarts containers and waits until each is healthy again (or running, where it has no health check)."""
+    if not containers:
+        return
+    docker("restart", *[c.id for c in containers], timeout=timeout)
+    deadline = time.monotonic() + timeout
+    fmt = "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}"
+    while time.monotonic() < deadline:
+        states = docker("inspect", "--format", fmt, *[c.id for c in containers]).split()
+        if states and all(state in ("healthy", "running") for state in states):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"containers not healthy {timeout:.0f}s after a restart: {states}")
 
 
 def _number(name: str) -> int:
