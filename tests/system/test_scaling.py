@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from typing import Any
 
 from support.chat import clients_on_each_replica, eventually
 from support.stack import Stack
@@ -67,9 +68,13 @@ async def test_a_third_replica_gets_traffic_and_chats_with_the_others(stack: Sta
             ref = f"scale-{index}"
             echo = await sender.say_and_wait(f"hello from replica {index}", ref=ref)
             assert echo["type"] == "message"
+
+            def is_it(obj: dict[str, Any], ref: str = ref) -> bool:
+                return obj["type"] == "message" and obj.get("ref") == ref
+
             for other in clients:
                 if other is not sender:
-                    got = await other.wait_for(lambda o, ref=ref: o["type"] == "message" and o.get("ref") == ref)
+                    got = await other.wait_for(is_it)
                     assert got["id"] == echo["id"]
                     assert got["text"] == f"hello from replica {index}"
         # Every replica delivered the same messages in the same order.
