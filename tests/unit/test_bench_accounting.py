@@ -3,13 +3,8 @@ late-free order, percentiles, exactly as ../shared/bench/fanout.mjs defines them
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from hypothesis import given
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from chatbench.accounting import ClientLog, Message, analyse, inversions, latency_stats, percentile
 from chatbench.scenarios import pick_senders

@@ -3,11 +3,7 @@ step's marker without parsing JSON, several objects per frame, warm-up and late 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from chatbench.worker import Client, Connected, Setup, Step, Worker
 
