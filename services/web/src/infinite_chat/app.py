@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from importlib.resources import files
 from typing import Any
 
@@ -20,24 +21,34 @@ from .websocket import ChatSocketRoute
 API_LIMIT_MAX = 100
 STATIC = files(__package__).joinpath("static")
 
-# The page may talk only to its own origin; connect-src 'self' covers ws:// and wss:// of that origin in CSP 3,
-# and browsers that predate it get the same rule from the page's own origin being the only one named.
+# The page may talk only to its own origin. CSP 3 lets connect-src 'self' cover ws:// and wss:// of that origin,
+# but browsers that predate it do not, so the socket's own URLs are named too, built from the request's Host.
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'{sockets}; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'"
 )
+# What a Host header may hold (name or IPv4 or [IPv6], optional port): anything else could inject CSP directives,
+# and gets no socket sources (connect-src 'self' still covers them in current browsers).
+HOST_PATTERN = re.compile(r"(?:[a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])(?::\d{1,5})?")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+    "Cross-Origin-Resource-Policy": "same-origin",
 }
 
 
 def json_response(body: dict[str, Any] | bytes, status: int = 200) -> Response:
     data = body if isinstance(body, bytes) else orjson.dumps(body)
     return Response(data, status=status, content_type="application/json")
+
+
+def content_security_policy(host: str | None) -> str:
+    host = (host or "").strip().lower()
+    sockets = f" ws://{host} wss://{host}" if HOST_PATTERN.fullmatch(host) else ""
+    return CONTENT_SECURITY_POLICY.format(sockets=sockets)
 
 
 def create_app(settings: Settings | None = None) -> Quart:
@@ -57,7 +68,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         if response.content_type and response.content_type.startswith("text/html"):
-            response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+            response.headers["Content-Security-Policy"] = content_security_policy(request.headers.get("Host"))
         return response
 
     @app.errorhandler(HTTPException)
