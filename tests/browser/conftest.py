@@ -1,0 +1,57 @@
+"""Fixtures of the browser tests: Debian's Chromium driven by Playwright, pages opened through nginx (the stack is
+shared with the system tests: tests/conftest.py)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, async_playwright, expect
+
+from support.stack import Stack
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium tries to reach outside hosts, which this machine refuses.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+# A shared machine with two cores: page loads and reconnects can be slow, so every expectation gets room.
+expect.set_options(timeout=30_000)
+
+
+@pytest_asyncio.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+def room() -> str:
+    """A room of the test's own, so tests never see each other's messages."""
+    return f"b-{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+def replicas(stack: Stack) -> list[str]:
+    """The names the web replicas give themselves, in container order."""
+    return [stack.replica_name(container) for container in stack.web_containers()]
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

@@ -1,0 +1,446 @@
+"""The chat page in a real browser (Debian's Chromium), through nginx: people chatting across replicas, history and
+scroll-back, text that stays text, the form's own validation, a burst past the rate limit, riding out a replica stop."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from playwright.async_api import Browser, ConsoleMessage, Dialog, Locator, Page, ViewportSize, expect
+from playwright.async_api import Error as PlaywrightError
+
+from support.chat import ChatClient
+from support.stack import Stack
+
+DESKTOP: ViewportSize = {"width": 1100, "height": 720}
+PHONE: ViewportSize = {"width": 390, "height": 760}
+XSS = "<img src=x onerror=alert(1)>"
+# Chromium aborts loads in flight when the host's network interfaces change, which Docker does whenever a stack
+# (anyone's, on this shared machine) starts or stops. The page retries its own requests; navigations are retried here.
+NETWORK_CHANGED = "net::ERR_NETWORK_CHANGED"
+
+
+async def navigate(page: Page, url: str | None = None) -> None:
+    """Loads `url` (or reloads), once more if the host's network changed under the load."""
+    for attempt in range(3):
+        try:
+            await (page.goto(url) if url is not None else page.reload())
+            return
+        except PlaywrightError as error:
+            if NETWORK_CHANGED not in str(error) or attempt == 2:
+                raise
+
+
+@dataclass
+class ChatPage:
+    """One person's page: what they see, and what they do with keyboard and mouse."""
+
+    page: Page
+    name: str
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @classmethod
+    async def open(
+        cls,
+        browser: Browser,
+        stack: Stack,
+        *,
+        name: str,
+        room: str,
+        viewport: ViewportSize = DESKTOP,
+        base_url: str | None = None,
+    ) -> ChatPage:
+        context = await browser.new_context(viewport=viewport, base_url=base_url or stack.base_url)
+        chat = cls(await context.new_page(), name)
+
+        async def on_dialog(dialog: Dialog) -> None:
+            chat.dialogs.append(dialog.message)
+            await dialog.dismiss()
+
+        def on_console(message: ConsoleMessage) -> None:
+            # Chromium logs each failed socket attempt while the network is down (the page retries), and loads cut
+            # by a network change (the page retries those too); anything else the page logs is a finding.
+            if message.type == "error" and not any(noise in message.text for noise in ("WebSocket", NETWORK_CHANGED)):
+                chat.errors.append(message.text)
+
+        chat.page.on("dialog", on_dialog)
+        chat.page.on("pageerror", lambda error: chat.errors.append(str(error)))
+        chat.page.on("console", on_console)
+        await navigate(chat.page, f"/#{room}")
+        await expect(chat.page.get_by_label("Room", exact=True)).to_have_value(room)
+        await chat.page.get_by_label("Your name", exact=True).fill(name)
+        await chat.page.get_by_role("button", name="Join").click()
+        await chat.wait_online()
+        return chat
+
+    @property
+    def status(self) -> Locator:
+        return self.page.locator("#status")
+
+    @property
+    def texts(self) -> Locator:
+        return self.page.locator("#messages .msg .text")
+
+    @property
+    def pending(self) -> Locator:
+        return self.page.locator("#pending .msg")
+
+    def message(self, text: str) -> Locator:
+        """Shown messages (not pending ones) whose text is exactly `text`."""
+        return self.page.locator("#messages .msg").filter(
+            has=self.page.locator(".text").filter(has_text=re.compile(f"^{re.escape(text)}$"))
+        )
+
+    async def wait_online(self) -> None:
+        await expect(self.status).to_have_attribute("data-state", "online")
+        await expect(self.status).to_have_text("Connected")
+
+    async def replica(self) -> str:
+        await expect(self.page.locator("#replica")).to_be_visible()
+        replica = await self.page.locator("#replica").get_attribute("data-replica")
+        assert replica
+        return replica
+
+    async def say(self, text: str) -> None:
+        box = self.page.get_by_label("Message", exact=True)
+        await box.fill(text)
+        await box.press("Enter")
+        await expect(box).to_have_value("")
+
+    async def move_off(self, replica: str, attempts: int = 10) -> None:
+        """Reloads (the page joins again by itself) until nginx puts this page on another replica."""
+        for _ in range(attempts):
+            if await self.replica() != replica:
+                return
+            await navigate(self.page)
+            await self.wait_online()
+        raise AssertionError(f"{self.name}'s page stayed on replica {replica} after {attempts} reloads")
+
+    async def scroll_to_top(self) -> None:
+        await self.page.locator("#log").evaluate("log => { log.scrollTop = 0; }")
+
+    def assert_clean(self) -> None:
+        assert self.dialogs == [], f"{self.name}'s page opened dialogs: {self.dialogs}"
+        assert self.errors == [], f"{self.name}'s page had errors: {self.errors}"
+
+
+class Gate:
+    """A TCP relay in front of nginx for one page: it passes everything through, and while shut it refuses new
+    connections (a network that is down), so a page stays away exactly as long as a test needs. Connections
+    already open are left alone."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.shut = False
+        self.server: asyncio.Server | None = None
+        self.pipes: set[asyncio.Task[None]] = set()
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> Gate:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for pipe in self.pipes:
+            pipe.cancel()
+        await asyncio.gather(*self.pipes, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.shut:
+            writer.close()
+            return
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self.pipes.add(task)
+            task.add_done_callback(self.pipes.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except ConnectionError:
+            pass
+        finally:
+            sink.close()
+
+
+async def seed(stack: Stack, room: str, texts: list[str]) -> None:
+    """Puts `texts` in the room's history, in order. The rate limit allows a burst of 10 per connection: one
+    connection per ten messages."""
+    for start in range(0, len(texts), 10):
+        client = await ChatClient.open(stack.ws_url)
+        try:
+            await client.join(f"seeder-{start // 10 + 1}", room)
+            for i, text in enumerate(texts[start : start + 10]):
+                reply = await client.say_and_wait(text, ref=f"seed-{start + i}")
+                assert reply["type"] == "message", reply
+        finally:
+            await client.close()
+
+
+async def test_two_people_on_different_replicas_chat_and_see_each_other(
+    browser: Browser, stack: Stack, replicas: list[str], artifacts: Path
+) -> None:
+    room = f"team-{secrets.token_hex(2)}"  # unique, and reads well in the screenshot
+    # Carol talks through the protocol and stays: her words are the history the two pages start with.
+    carol = await ChatClient.open(stack.ws_url)
+    await carol.join("carol", room)
+    for i, text in enumerate(["Morning all!", "Deploy went out at 9, two replicas behind nginx."]):
+        assert (await carol.say_and_wait(text, ref=f"c-{i}"))["type"] == "message"
+
+    alice = await ChatPage.open(browser, stack, name="alice", room=room)
+    bob = await ChatPage.open(browser, stack, name="bob", room=room)
+    await bob.move_off(await alice.replica())
+    assert {await alice.replica(), await bob.replica()} == set(replicas[:2])
+
+    await alice.say("Hi Bob! Which replica are you on?")
+    await expect(bob.message("Hi Bob! Which replica are you on?")).to_have_count(1)
+    await bob.say("The other one. Shift+Enter for a new line,\nEnter to send.")
+    await expect(alice.message("The other one. Shift+Enter for a new line,\nEnter to send.")).to_have_count(1)
+    await alice.say("Scroll up and older messages keep coming: that's the infinite part.")
+    await expect(bob.message("Scroll up and older messages keep coming: that's the infinite part.")).to_have_count(1)
+
+    expected = [
+        "Morning all!",
+        "Deploy went out at 9, two replicas behind nginx.",
+        "Hi Bob! Which replica are you on?",
+        "The other one. Shift+Enter for a new line,\nEnter to send.",
+        "Scroll up and older messages keep coming: that's the infinite part.",
+    ]
+    for chat in (alice, bob):
+        await expect(chat.texts).to_have_text(expected)
+        await expect(chat.pending).to_have_count(0)
+        # The history comes first, then a marker, then what was said since.
+        await expect(chat.page.locator("#messages > li").nth(2)).to_have_class("divider")
+        names = [f"{name} (you)" if name == chat.name else name for name in ("alice", "bob", "carol")]
+        await expect(chat.page.locator("#online li")).to_have_text(names)
+        await expect(chat.page.locator("#online-count")).to_have_text("3")
+    # Own messages are marked as one's own, and named.
+    await expect(alice.message("Hi Bob! Which replica are you on?")).to_have_class("msg own")
+    await expect(bob.message("Hi Bob! Which replica are you on?")).to_have_class("msg")
+    await expect(bob.message("Hi Bob! Which replica are you on?").locator(".who")).to_have_text("alice")
+    await expect(alice.message("Hi Bob! Which replica are you on?").locator("time")).to_have_text(re.compile(r"\d"))
+
+    await alice.page.screenshot(path=artifacts / "chat-desktop.png")
+    await alice.page.set_viewport_size(PHONE)
+    await expect(alice.page.locator("#people-toggle")).to_have_text("3 online")
+    await alice.page.screenshot(path=artifacts / "chat-phone.png")
+    assert (artifacts / "chat-desktop.png").stat().st_size > 10_000
+
+    # Presence follows people leaving, live.
+    await carol.close()
+    for chat in (alice, bob):
+        await expect(chat.page.locator("#online li")).to_have_count(2)
+    alice.assert_clean()
+    bob.assert_clean()
+
+
+async def test_late_joiner_sees_history_and_scrolls_back_to_the_first_message(
+    browser: Browser, stack: Stack, room: str
+) -> None:
+    texts = [f"seed {i:02d}" for i in range(1, 81)]
+    await seed(stack, room, texts)
+
+    reader = await ChatPage.open(browser, stack, name="reader", room=room)
+    await expect(reader.texts).to_have_text(texts[-25:])
+    await expect(reader.page.locator("#messages > li").last).to_have_class("divider")
+
+    # At the top, the page fetches the 50 before the oldest it has, and keeps the reader's place.
+    await reader.scroll_to_top()
+    await expect(reader.texts).to_have_text(texts[-75:])
+    await expect(reader.message("seed 56")).to_be_in_viewport()
+    assert await reader.page.locator("#log").evaluate("log => log.scrollTop") > 0
+
+    await reader.scroll_to_top()
+    await expect(reader.texts).to_have_text(texts)
+    await expect(reader.page.locator("#older-text")).to_have_text(f"This is the beginning of #{room}.")
+
+    # Reading up there, a new message does not yank the view: a pill says so, and takes the reader down.
+    top = await reader.page.locator("#log").evaluate("log => log.scrollTop")
+    await seed(stack, room, ["a new one"])
+    pill = reader.page.locator("#new-pill")
+    await expect(pill).to_have_text("1 new message ↓")
+    await expect(reader.message("a new one")).not_to_be_in_viewport()
+    assert await reader.page.locator("#log").evaluate("log => log.scrollTop") == top
+    await pill.click()
+    await expect(reader.message("a new one")).to_be_in_viewport()
+    await expect(pill).to_be_hidden()
+    await expect(reader.texts).to_have_count(81)
+    reader.assert_clean()
+
+
+async def test_markup_in_messages_and_names_is_shown_as_text_and_runs_nothing(
+    browser: Browser, stack: Stack, room: str
+) -> None:
+    mallory = await ChatPage.open(browser, stack, name="<b>mallory</b>", room=room)
+    victim = await ChatPage.open(browser, stack, name="victim", room=room)
+    await mallory.say(XSS)
+    await mallory.say("<script>alert(2)</script>")
+    await mallory.say("plain words")
+
+    async def shows_markup_as_text(chat: ChatPage) -> None:
+        await expect(chat.texts).to_have_text([XSS, "<script>alert(2)</script>", "plain words"])
+        await expect(chat.message(XSS).locator(".who")).to_have_text(re.compile(r"^<b>mallory</b>"))
+        await expect(chat.page.locator("#online")).to_contain_text("<b>mallory</b>")
+        # Had any of it gone in as HTML, these elements would exist.
+        await expect(chat.page.locator("#chat-view img, #chat-view script, #chat-view b")).to_have_count(0)
+
+    await shows_markup_as_text(victim)
+    # The same messages through the welcome's history, as a late joiner gets them.
+    await navigate(victim.page)
+    await victim.wait_online()
+    await shows_markup_as_text(victim)
+    await shows_markup_as_text(mallory)
+    # One more round trip after the markup was rendered, so an error handler would have had its chance.
+    await victim.say("nothing happened")
+    await expect(mallory.message("nothing happened")).to_have_count(1)
+    mallory.assert_clean()
+    victim.assert_clean()
+
+
+async def test_the_page_checks_what_the_server_would_refuse(browser: Browser, stack: Stack, room: str) -> None:
+    context = await browser.new_context(viewport=PHONE, base_url=stack.base_url)
+    page = await context.new_page()
+    await navigate(page, f"/#{room}")
+    name = page.get_by_label("Your name", exact=True)
+    room_box = page.get_by_label("Room", exact=True)
+    join = page.get_by_role("button", name="Join")
+
+    await join.click()
+    await expect(page.locator("#name-error")).to_have_text("Pick a name.")
+    await expect(name).to_be_focused()
+    await name.fill("x" * 33)
+    await join.click()
+    await expect(page.locator("#name-error")).to_have_text("A name has at most 32 characters.")
+    await name.fill("  dora  ")
+    await room_box.fill("Team Room!")
+    await room_box.press("Enter")
+    await expect(page.locator("#name-error")).to_be_empty()
+    await expect(page.locator("#room-error")).to_have_text("A room name uses only a-z, 0-9, - and _ (no spaces).")
+    await expect(room_box).to_have_attribute("aria-invalid", "true")
+    await room_box.fill(room)
+    await room_box.press("Enter")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "online")
+    await expect(page.locator("#room-title")).to_have_text(f"#{room}")
+    assert page.url.endswith(f"/#{room}")
+
+    box = page.get_by_label("Message", exact=True)
+    await box.fill("y" * 2001)
+    await expect(page.locator("#counter")).to_have_text("2001 / 2000")
+    await expect(page.locator("#counter")).to_have_class("counter over")
+    await box.press("Enter")
+    await expect(page.locator("#text-error")).to_have_text(
+        "Too long: a message has at most 2000 characters (this one has 2001)."
+    )
+    await expect(page.locator("#pending .msg, #messages .msg")).to_have_count(0)
+
+    await box.fill("first line")
+    await box.press("Shift+Enter")
+    await box.press_sequentially("second line")
+    await expect(page.locator("#counter")).to_be_hidden()
+    await expect(page.locator("#text-error")).to_be_empty()
+    await box.press("Enter")
+    await expect(page.locator("#messages .msg .text")).to_have_text(["first line\nsecond line"])
+    assert await page.locator("#messages .msg .text").evaluate("text => text.textContent") == "first line\nsecond line"
+    await expect(page.locator("#messages .msg .who")).to_have_text(["dora (you)"])
+
+    # The address follows the room: changing it moves the page to the room it names.
+    await page.goto("/#another-room")
+    await expect(page.locator("#room-title")).to_have_text("#another-room")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "online")
+    await expect(page.locator("#messages .msg")).to_have_count(0)
+
+    # The name is remembered: the next visit goes straight into the room in the address.
+    again = await context.new_page()
+    await navigate(again, f"/#{room}")
+    await expect(again.locator("#room-title")).to_have_text(f"#{room}")
+    await expect(again.locator("#status")).to_have_attribute("data-state", "online")
+    await expect(again.locator("#messages .msg .who")).to_have_text(["dora (you)"])
+    await context.close()
+
+
+async def test_sending_faster_than_the_rate_limit_delivers_everything_once_in_order(
+    browser: Browser, stack: Stack, room: str
+) -> None:
+    writer = await ChatPage.open(browser, stack, name="writer", room=room)
+    reader = await ChatClient.open(stack.ws_url)
+    await reader.join("reader", room)
+    texts = [f"burst {i:02d}" for i in range(1, 21)]
+    # As fast as a paste: twice the server's burst of 10, through the page's own form.
+    await writer.page.evaluate(
+        """texts => {
+            const box = document.getElementById("text");
+            for (const text of texts) { box.value = text; box.form.requestSubmit(); }
+        }""",
+        texts,
+    )
+    await expect(writer.pending.locator(".note").first).to_contain_text("Slow down")
+    await expect(writer.texts).to_have_text(texts)
+    await expect(writer.pending).to_have_count(0)
+    await reader.wait_for(lambda o: o["type"] == "message" and o["text"] == texts[-1], timeout=30)
+    assert [m["text"] for m in reader.of_type("message")] == texts
+    await reader.close()
+    writer.assert_clean()
+
+
+async def test_a_page_rides_out_its_replica_stopping_and_misses_nothing(
+    browser: Browser, stack: Stack, room: str, replicas: list[str]
+) -> None:
+    async with Gate(stack.http_port) as gate:
+        alice = await ChatPage.open(browser, stack, name="alice", room=room, base_url=gate.base_url)
+        bob = await ChatPage.open(browser, stack, name="bob", room=room)
+        await bob.move_off(await alice.replica())
+        stopped, survivor = await alice.replica(), await bob.replica()
+        container = stack.web_containers()[replicas.index(stopped)]
+
+        await alice.say("before the restart")
+        await expect(bob.message("before the restart")).to_have_count(1)
+
+        # Alice's network refuses new connections: when her replica goes, her page cannot come back until the
+        # test lets it, so bob's message is certain to be sent while she is away.
+        gate.shut = True
+        await asyncio.to_thread(stack.docker, "stop", container)
+        try:
+            await expect(alice.status).to_have_attribute("data-state", "reconnecting")
+            await expect(alice.status).to_contain_text("Reconnecting")
+            await expect(alice.page.locator("#messages .system")).to_have_text(["Connection lost. Reconnecting…"])
+
+            await bob.say("sent while alice was away")
+            await expect(bob.message("sent while alice was away")).to_have_count(1)
+            await alice.say("typed while away")
+            await expect(alice.pending).to_have_count(1)
+            await expect(alice.pending.locator(".note")).to_have_text("Waiting for the connection…")
+
+            gate.shut = False
+            await alice.wait_online()
+            assert await alice.replica() == survivor != stopped
+            await expect(alice.pending).to_have_count(0)
+            expected = ["before the restart", "sent while alice was away", "typed while away"]
+            for chat in (alice, bob):
+                await expect(chat.texts).to_have_text(expected)
+            await expect(alice.page.locator("#messages .system")).to_have_text(
+                [re.compile(r"^Connection lost for \d+ s; reconnected\.$")]
+            )
+            # Nothing arrives twice later either: one more round trip, and the lists are still exact.
+            await bob.say("all good?")
+            for chat in (alice, bob):
+                await expect(chat.texts).to_have_text([*expected, "all good?"])
+        finally:
+            gate.shut = False
+            await asyncio.to_thread(stack.docker, "start", container)
+            await asyncio.to_thread(stack.wait_healthy)
+        alice.assert_clean()
+        bob.assert_clean()
