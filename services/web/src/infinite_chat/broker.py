@@ -200,6 +200,9 @@ class RedisBroker(Broker):
         return message_id.decode() if isinstance(message_id, bytes) else str(message_id)
 
     async def recent(self, room: str, limit: int, before: str | None = None) -> list[Delivery]:
+        if before is not None and parse_message_id(before) == (0, 0):
+            # Nothing is older than 0-0, and Redis answers the range "(0-0" with an error, not an empty list.
+            return []
         try:
             entries = await self.redis.xrevrange(log_key(room), f"({before}" if before else "+", "-", count=limit)
         except (RedisError, OSError) as error:
