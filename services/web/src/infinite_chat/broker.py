@@ -267,6 +267,8 @@ class RedisBroker(Broker):
                 # Only once Redis confirms the subscription is nothing published lost: then catch up on the log.
                 while (await pubsub.get_message(timeout=5.0)) is None:
                     pass
+                # A command that finished on the old server just as it went away may have put its connection back.
+                await self._drop_idle_connections()
                 await on_subscribed()
                 backoff.reset()
                 log.info("fan-out subscribed", extra={"event": "redis_subscribed"})
@@ -276,11 +278,23 @@ class RedisBroker(Broker):
             except (RedisError, OSError, BrokerUnavailable) as error:
                 metrics.REDIS_ERRORS.labels("subscribe").inc()
                 log.warning("fan-out subscription lost: %s", type(error).__name__, extra={"event": "redis_lost"})
+                await self._drop_idle_connections()
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             metrics.REDIS_RECONNECTS.inc()
             await asyncio.sleep(backoff.next_delay())
+
+    async def _drop_idle_connections(self) -> None:
+        """Closes the command pool's idle connections: they may lead to a Redis that is gone.
+
+        Redis closing a connection (a restart, a failover, a cut) is not noticed on an idle pooled one: redis-py hands
+        it out and the next command on it fails, and with no retry (see __init__) that is one user's message or join
+        refused per idle connection, long after Redis is back. The subscription notices at once, so when it is lost
+        (and again once it is back) the idle connections go, and the next commands open fresh ones.
+        """
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
 
 
 def _deliveries(room: str, entries: Any) -> list[Delivery]:
