@@ -310,6 +310,13 @@ async def test_markup_in_messages_and_names_is_shown_as_text_and_runs_nothing(
     mallory.assert_clean()
     victim.assert_clean()
 
+    # Second line of defence: the page may run only its own script and talk only to its own origin.
+    policy = stack.get("/").headers["content-security-policy"]
+    host = f"127.0.0.1:{stack.http_port}"
+    assert "default-src 'self'" in policy
+    assert "script-src 'self';" in policy
+    assert f"connect-src 'self' ws://{host} wss://{host};" in policy
+
 
 async def test_the_page_checks_what_the_server_would_refuse(browser: Browser, stack: Stack, room: str) -> None:
     context = await browser.new_context(viewport=PHONE, base_url=stack.base_url)
