@@ -1,0 +1,599 @@
+"""Chat core (issue 3) on the real stack, only through nginx: every error code, bad input, exactly-once delivery in one
+order across both replicas, history from Redis across restarts, resuming with `since`, presence (also when a replica
+dies), isolated rooms, and the history API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from typing import Any
+
+import pytest
+import websockets
+
+from support.chat import ChatClient, Obj, client_on, eventually
+from support.stack import Stack
+
+HISTORY_SIZE = 25
+# A message of protocol v1 as the server sends it: the keys every one has (ref only when the sender gave one).
+MESSAGE_KEYS = {"type", "id", "ts", "room", "name", "text"}
+
+
+async def say_accepted(client: ChatClient, text: str, ref: str) -> Obj:
+    """Says something until the server accepts it: a rate_limited answer says how long to wait before the retry."""
+    while True:
+        reply = await client.say_and_wait(text, ref, timeout=20)
+        if reply["type"] == "message":
+            return reply
+        assert reply["code"] == "rate_limited", reply
+        await asyncio.sleep(reply["retry_after_ms"] / 1000)
+
+
+async def say_many(client: ChatClient, count: int, prefix: str) -> list[Obj]:
+    return [await say_accepted(client, f"{prefix} {n}", f"{prefix}-{n}") for n in range(count)]
+
+
+async def fill(stack: Stack, replicas: list[str], room: str, count: int) -> list[Obj]:
+    """`count` messages said in `room` by one client on each replica at once; returns them in log order."""
+    senders = [
+        await client_on(stack.ws_url, replica, name=f"filler-{n}", room=room) for n, replica in enumerate(replicas)
+    ]
+    share = -(-count // len(senders))
+    await asyncio.gather(*(say_many(s, share, f"fill-{n}") for n, s in enumerate(senders)))
+    for sender in senders:
+        await sender.close()
+    messages = api(stack, room, limit=min(count, 100))["messages"]
+    assert len(messages) == min(count, 100)
+    return list(messages)
+
+
+def api(stack: Stack, room: str, **params: Any) -> dict[str, Any]:
+    response = stack.get(f"/api/rooms/{room}/messages", params=params)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def ids(messages: list[Obj]) -> list[str]:
+    return [str(message["id"]) for message in messages]
+
+
+def order_key(message_id: str) -> tuple[int, int]:
+    millis, _, sequence = message_id.partition("-")
+    return int(millis), int(sequence)
+
+
+async def expect_error(client: ChatClient, frame: Obj | str | bytes, code: str) -> Obj:
+    start = len(client.objects)
+    await client.send_raw(frame if isinstance(frame, str | bytes) else json.dumps(frame))
+    reply = await client.wait_for(lambda o: o["type"] in ("error", "welcome", "message"), start=start)
+    assert reply["type"] == "error", f"{frame!r}: {reply}"
+    assert reply["code"] == code, f"{frame!r}: {reply}"
+    assert isinstance(reply["detail"], str)
+    assert reply["detail"]
+    return reply
+
+
+async def still_chatting(stack: Stack, replicas: list[str], room: str) -> None:
+    """Both replicas still serve everyone else: a client on each hears the other."""
+    first, second = [await client_on(stack.ws_url, r, name=f"check-{n}", room=room) for n, r in enumerate(replicas)]
+    tag = secrets.token_hex(3)
+    sent = await first.say_and_wait(f"still here {tag}", f"still-{tag}")
+    assert sent["type"] == "message"
+    heard = await second.wait_for(lambda o: o["type"] == "message" and o.get("ref") == f"still-{tag}")
+    assert heard == sent
+    await first.close()
+    await second.close()
+
+
+# Errors and bad input
+
+
+async def test_every_error_code_comes_through_nginx_and_the_connection_stays_usable(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    client = await ChatClient.open(stack.ws_url)
+    await expect_error(client, "{not json", "bad_json")
+    await expect_error(client, {"type": "shout", "ref": "u-1"}, "unknown_type")
+    error = await expect_error(client, {"type": "say", "text": "too early", "ref": "early-1"}, "not_joined")
+    assert error["ref"] == "early-1"
+    await expect_error(client, {"type": "join", "name": "   "}, "invalid_name")
+    await expect_error(client, {"type": "join", "name": "x" * 33}, "invalid_name")
+    await expect_error(client, {"type": "join", "name": "alice", "room": "No Spaces"}, "invalid_room")
+    await expect_error(client, {"type": "join", "name": "alice", "room": room, "since": 17}, "invalid_since")
+    await client.join("alice", room)
+    await expect_error(client, {"type": "join", "name": "alice", "room": room}, "already_joined")
+    refusals: list[tuple[Obj, str, str | None]] = [
+        ({"type": "say", "text": "  \n ", "ref": "e-1"}, "invalid_text", "e-1"),
+        ({"type": "say", "text": "a\x00b", "ref": "e-2"}, "invalid_text", "e-2"),
+        ({"type": "say", "text": "x" * 2001, "ref": "e-3"}, "too_long", "e-3"),
+        ({"type": "say", "text": "hi", "ref": "r" * 65}, "invalid_ref", None),
+    ]
+    for n, (frame, code, ref) in enumerate(refusals):
+        error = await expect_error(client, frame, code)
+        assert error["ref"] == ref
+        # Usable after each: the next message is accepted.
+        assert (await client.say_and_wait(f"after {code}", f"ok-{n}"))["type"] == "message"
+
+    # Past the burst: rate_limited with a wait, and nothing of the refused ones stored.
+    for n in range(15):
+        await client.say(f"burst {n}", f"burst-{n}")
+    replies = [
+        await client.wait_for(lambda o, ref=f"burst-{n}": o.get("ref") == ref and o["type"] in ("message", "error"))
+        for n in range(15)
+    ]
+    limited = [reply for reply in replies if reply["type"] == "error"]
+    assert limited, "15 messages at once were all accepted"
+    for reply in limited:
+        assert reply["code"] == "rate_limited"
+        assert isinstance(reply["retry_after_ms"], int)
+        assert 0 < reply["retry_after_ms"] <= 1000
+    accepted_refs = {reply["ref"] for reply in replies if reply["type"] == "message"}
+    stored_refs = {message["ref"] for message in api(stack, room, limit=100)["messages"]}
+    assert accepted_refs <= stored_refs
+    assert not {reply["ref"] for reply in limited} & stored_refs
+    await asyncio.sleep(limited[-1]["retry_after_ms"] / 1000)
+    assert (await client.say_and_wait("after the wait", "after-wait"))["type"] == "message"
+    assert not client.closed
+    await client.close()
+    await still_chatting(stack, replicas, room)
+
+
+WRONG_BEFORE_JOIN: list[tuple[str | bytes, str]] = [
+    ('{"type": "join", "name": 5}', "invalid_name"),
+    ('{"type": "join", "name": null}', "invalid_name"),
+    ('{"type": "join", "name": ["alice"]}', "invalid_name"),
+    ('{"type": "join", "name": {"first": "alice"}}', "invalid_name"),
+    ('{"type": "join", "name": "alice", "room": ["lobby"]}', "invalid_room"),
+    ('{"type": "join", "name": "alice", "room": 7}', "invalid_room"),
+    ('{"type": "join", "name": "alice", "since": {"id": "1-0"}}', "invalid_since"),
+    ("[]", "bad_json"),
+    ('[{"type": "join", "name": "alice"}]', "bad_json"),
+    ("null", "bad_json"),
+    ('"join"', "bad_json"),
+    ("", "bad_json"),
+    ("[" * 3000 + "]" * 3000, "bad_json"),
+    ('{"type": "say", "text": 1e999}', "bad_json"),
+    (b'{"type": "join", "name": "alice"}', "bad_json"),
+    (b"", "bad_json"),
+    (b"\xff\xfe\x00", "bad_json"),
+    ('{"type": {"nested": "join"}}', "unknown_type"),
+    ('{"type": ["say"]}', "unknown_type"),
+    ('{"type": null}', "unknown_type"),
+    ('{"name": "alice"}', "unknown_type"),
+    ('{"type": "say", "text": "hi"}', "not_joined"),
+    ('{"type": "say", "text": null}', "invalid_text"),  # checked before whether the client has joined
+]
+
+WRONG_AFTER_JOIN: list[tuple[str | bytes, str]] = [
+    ('{"type": "say", "text": null}', "invalid_text"),
+    ('{"type": "say", "text": 5}', "invalid_text"),
+    ('{"type": "say", "text": ["hello"]}', "invalid_text"),
+    ('{"type": "say", "text": {"body": "hello"}}', "invalid_text"),
+    ('{"type": "say"}', "invalid_text"),
+    ('{"type": "say", "text": "hi", "ref": 5}', "invalid_ref"),
+    ('{"type": "say", "text": "hi", "ref": {"id": 1}}', "invalid_ref"),
+    ('{"type": "say", "text": "hi", "ref": ["r"]}', "invalid_ref"),
+    (b'{"type": "say", "text": "binary"}', "bad_json"),
+    (b"", "bad_json"),
+    ("", "bad_json"),
+    ('{"type": "join", "name": 5}', "invalid_name"),
+    ('{"type": "join", "name": "alice"}', "already_joined"),
+    ("[[[[]]]]", "bad_json"),
+]
+
+
+async def test_wrong_types_binary_and_empty_frames_each_get_their_error(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    # Sockets until each replica has handled every kind of bad frame (a socket's replica is known once it joins).
+    covered: set[str] = set()
+    for attempt in range(10):
+        client = await ChatClient.open(stack.ws_url)
+        for frame, code in WRONG_BEFORE_JOIN:
+            await expect_error(client, frame, code)
+        await client.join(f"wrong-{attempt}", room)
+        for frame, code in WRONG_AFTER_JOIN:
+            await expect_error(client, frame, code)
+        assert (await client.say_and_wait("all good", f"good-{attempt}"))["type"] == "message"
+        covered.add(client.replica)
+        await client.close()
+        if covered == set(replicas):
+            break
+    assert covered == set(replicas)
+    assert {m["text"] for m in api(stack, room)["messages"]} == {"all good"}
+    await still_chatting(stack, replicas, room)
+
+
+async def test_frames_the_server_cannot_read_close_the_socket_cleanly(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    big = await ChatClient.open(stack.ws_url)
+    await big.join("big", room)
+    await big.send({"type": "say", "text": "x" * (17 * 1024)})
+    assert await big.wait_closed(timeout=15) == 1009
+
+    garbled = await ChatClient.open(stack.ws_url)
+    await garbled.join("garbled", room)
+    await garbled.ws.send(b'{"type": "say", "text": "\xff\xfe"}', text=True)  # a text frame that is not UTF-8
+    assert await garbled.wait_closed(timeout=15) == 1007
+
+    assert api(stack, room)["messages"] == []
+    await still_chatting(stack, replicas, room)
+
+
+async def test_a_socket_from_a_foreign_origin_is_refused_with_403(stack: Stack) -> None:
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await ChatClient.open(stack.ws_url, origin="http://evil.example")
+    assert refused.value.response.status_code == 403
+    own = await ChatClient.open(stack.ws_url, origin=stack.origin)
+    assert (await own.join("own-origin", "lobby"))["type"] == "welcome"
+    await own.close()
+
+
+# Delivery
+
+
+async def test_every_client_on_either_replica_gets_every_message_once_in_the_same_order(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    clients = [
+        await client_on(stack.ws_url, replicas[n % len(replicas)], name=f"user-{n}", room=room) for n in range(10)
+    ]
+    assert {client.replica for client in clients} == set(replicas)
+    senders = clients[:6]  # three on each replica
+    sent = await asyncio.gather(*(say_many(sender, 50, f"s{n}") for n, sender in enumerate(senders)))
+    expected = {message["id"] for batch in sent for message in batch}
+    assert len(expected) == 300
+
+    await eventually(
+        lambda: all(len(client.of_type("message")) >= len(expected) for client in clients),
+        timeout=60,
+        what="every client holding all 300 messages",
+    )
+    reference = ids(clients[0].of_type("message"))
+    assert sorted(reference, key=order_key) == reference  # the log's order
+    for client in clients:
+        received = client.of_type("message")
+        assert len(received) == len(expected), f"{client.replica}: duplicates"
+        assert ids(received) == reference, f"a client on {client.replica} saw another order"
+        assert set(ids(received)) == expected
+        assert not client.of_type("error") or all(e["code"] == "rate_limited" for e in client.of_type("error"))
+    # Each sender's messages arrive in the order it said them, and unchanged.
+    for n, batch in enumerate(sent):
+        mine = [m for m in clients[-1].of_type("message") if m["name"] == f"user-{n}"]
+        assert mine == batch
+        assert [m["text"] for m in mine] == [f"s{n} {k}" for k in range(50)]
+        assert all(set(m) == MESSAGE_KEYS | {"ref"} for m in mine)
+    for client in clients:
+        await client.close()
+
+
+async def test_rooms_are_isolated(stack: Stack, replicas: list[str], room: str) -> None:
+    other = f"{room}-b"
+    in_a = [await client_on(stack.ws_url, r, name=f"a-{n}", room=room) for n, r in enumerate(replicas)]
+    in_b = [await client_on(stack.ws_url, r, name=f"b-{n}", room=other) for n, r in enumerate(replicas)]
+    said_a = await in_a[0].say_and_wait("for room a only", "only-a")
+    await in_a[1].wait_for(lambda o: o.get("ref") == "only-a")
+    # Published after room a's message on the one channel every replica hears in order: once it is in, room a's
+    # message would have been delivered before it.
+    said_b = await in_b[1].say_and_wait("for room b only", "only-b")
+    await in_b[0].wait_for(lambda o: o.get("ref") == "only-b")
+    for client in in_b:
+        assert client.messages() == [said_b]
+        assert all(o.get("name", "").startswith("b-") for o in client.objects if o["type"] != "welcome")
+    for client in in_a:
+        assert client.messages() == [said_a]
+    assert api(stack, room)["messages"] == [said_a]
+    assert api(stack, other)["messages"] == [said_b]
+    for client in in_a + in_b:
+        await client.close()
+
+
+# History and resuming
+
+
+async def test_a_late_joiner_on_either_replica_gets_the_last_25_from_redis(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    said = await fill(stack, replicas, room, 30)
+    for replica in replicas:
+        late = await client_on(stack.ws_url, replica, name="late", room=room)
+        welcome = late.welcome
+        assert welcome is not None
+        assert welcome["resumed"] is False
+        assert welcome["history"] == said[-HISTORY_SIZE:]
+        assert all(set(m) >= MESSAGE_KEYS for m in welcome["history"])
+        await late.close()
+    assert api(stack, room)["messages"] == said[-HISTORY_SIZE:]
+
+
+async def test_an_unknown_since_gets_the_last_25_and_resumed_false(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    said = await fill(stack, replicas, room, 30)
+    elsewhere = await client_on(stack.ws_url, None, name="elsewhere", room=f"{room}-x")
+    foreign = await elsewhere.say_and_wait("an id of another room", "foreign")
+    await elsewhere.close()
+    unknown = [
+        said[0]["id"].split("-")[0] + "-999999",  # looks like an id of this room's time, but is none
+        "1-0",  # older than anything retained: as if trimmed
+        foreign["id"],  # in the retained log of another room only
+        "not-an-id",
+        "99999999999999999999-0",  # more than Redis takes
+    ]
+    for since in unknown:
+        client = await ChatClient.open(stack.ws_url)
+        welcome = await client.join("back", room, since=since)
+        assert welcome["resumed"] is False, since
+        assert welcome["history"] == said[-HISTORY_SIZE:], since
+        await client.close()
+
+
+async def test_reconnecting_with_since_gets_exactly_what_was_missed(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    alice = await client_on(stack.ws_url, replicas[0], name="alice", room=room)
+    bob = await client_on(stack.ws_url, replicas[1], name="bob", room=room)
+    before = await say_many(alice, 3, "before")
+    await bob.wait_for(lambda o: o.get("ref") == "before-2")
+    seen_by_bob = bob.messages()
+    assert seen_by_bob == before
+    await bob.close()
+
+    missed = await say_many(alice, 5, "missed")
+    # Back on the other replica, while alice goes on talking: the join must neither skip nor repeat what is said
+    # during it.
+    talking = asyncio.create_task(say_many(alice, 12, "during"))
+    back = await resume_on(stack, replicas[0], "bob", room, since=seen_by_bob[-1]["id"])
+    during = await talking
+    after = await say_accepted(alice, "after", "after-0")
+    await back.wait_for(lambda o: o.get("ref") == "after-0")
+
+    welcome = back.welcome
+    assert welcome is not None
+    assert welcome["resumed"] is True
+    assert welcome["history"][: len(missed)] == missed
+    everything = seen_by_bob + back.messages()
+    assert ids(everything) == ids(before + missed + during + [after]), "a gap or a repeat"
+
+
+async def resume_on(stack: Stack, replica: str, name: str, room: str, *, since: str) -> ChatClient:
+    """A client that joins with `since` on the given replica. nginx sends a new socket to the replica with the fewest,
+    so sockets that land elsewhere stay open until one lands right (as support.chat.client_on does)."""
+    elsewhere: list[ChatClient] = []
+    try:
+        for _ in range(40):
+            client = await ChatClient.open(stack.ws_url)
+            await client.join(name, room, since=since)
+            if client.replica == replica:
+                return client
+            elsewhere.append(client)
+        raise AssertionError(f"no socket landed on {replica}")
+    finally:
+        for client in elsewhere:
+            await client.close()
+
+
+async def test_history_survives_restarting_both_web_replicas_and_redis(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    said = await fill(stack, replicas, room, 30)
+
+    await asyncio.to_thread(stack.docker, "restart", *stack.web_containers())
+    await asyncio.to_thread(stack.wait_healthy)
+    await both_replicas_answer(stack, replicas)
+    for replica in replicas:
+        late = await client_on(stack.ws_url, replica, name="after-web-restart", room=room)
+        assert late.welcome is not None
+        assert late.welcome["history"] == said[-HISTORY_SIZE:]
+        await late.close()
+
+    await asyncio.to_thread(stack.docker, "restart", stack.containers("redis")[0])
+    await asyncio.to_thread(stack.wait_healthy)
+    await both_replicas_answer(stack, replicas)
+    # Every request is served once Redis is back, also on connections that each replica held from before: several
+    # at once, so that each replica's pool hands out more than its newest connection.
+    for _ in range(3):
+        pages = await asyncio.gather(*(asyncio.to_thread(stack.get, f"/api/rooms/{room}/messages") for _ in range(8)))
+        assert [page.status_code for page in pages] == [200] * 8, {page.text for page in pages if page.is_error}
+    joined = await asyncio.gather(*(ChatClient.open(stack.ws_url) for _ in range(8)))
+    welcomes = await asyncio.gather(*(client.join(f"back-{n}", room) for n, client in enumerate(joined)))
+    assert {welcome["replica"] for welcome in welcomes} == set(replicas)
+    assert all(welcome["history"] == said[-HISTORY_SIZE:] for welcome in welcomes)
+    for client in joined:
+        await client.close()
+    late = await client_on(stack.ws_url, replicas[0], name="after-redis-restart", room=room)
+    assert late.welcome is not None
+    assert late.welcome["history"] == said[-HISTORY_SIZE:]
+    assert api(stack, room, limit=100)["messages"] == said
+    # And the log goes on after it: new ids come after the stored ones.
+    newest = await say_accepted(late, "after the restarts", "after-restarts")
+    assert order_key(newest["id"]) > order_key(said[-1]["id"])
+    await late.close()
+
+
+async def both_replicas_answer(stack: Stack, replicas: list[str]) -> None:
+    seen: set[str] = set()
+
+    def both_seen() -> bool:
+        response = stack.get("/health")
+        if response.status_code == 200:
+            seen.add(response.json()["replica"])
+        return seen == set(replicas)
+
+    await eventually(both_seen, timeout=60, what="both replicas answering through nginx", interval=0.2)
+
+
+async def test_when_redis_is_down_the_sender_gets_unavailable_and_nobody_the_message(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    alice = await client_on(stack.ws_url, replicas[0], name="alice", room=room)
+    bob = await client_on(stack.ws_url, replicas[1], name="bob", room=room)
+    kept = await alice.say_and_wait("before the outage", "kept")
+    await bob.wait_for(lambda o: o.get("ref") == "kept")
+
+    redis = stack.containers("redis")[0]
+    await asyncio.to_thread(stack.docker, "stop", redis)
+    try:
+        refused = await bob.say_and_wait("during the outage", "lost", timeout=20)
+        assert (refused["type"], refused["code"]) == ("error", "unavailable"), refused
+        assert "retry_after_ms" not in refused
+        ready = stack.get("/ready")
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "unavailable"
+        assert stack.get("/health").status_code == 200  # alive, and will reconnect by itself
+        # Joining needs Redis too: an error the client can read, then close 1013 (try again later).
+        newcomer = await ChatClient.open(stack.ws_url)
+        await newcomer.send({"type": "join", "name": "newcomer", "room": room})
+        error = await newcomer.wait_for(lambda o: o["type"] in ("welcome", "error"), timeout=20)
+        assert error["code"] == "unavailable"
+        assert await newcomer.wait_closed(timeout=15) == 1013
+    finally:
+        await asyncio.to_thread(stack.docker, "start", redis)
+        await asyncio.to_thread(stack.wait_healthy)
+
+    retried = await say_accepted(bob, "during the outage", "retried")
+    await alice.wait_for(lambda o: o.get("ref") == "retried", timeout=30)
+    for client in (alice, bob):
+        assert [m["ref"] for m in client.messages()] == ["kept", "retried"]
+        assert not client.closed
+    assert [m["id"] for m in api(stack, room)["messages"]] == [kept["id"], retried["id"]]
+    await alice.close()
+    await bob.close()
+
+
+# Presence
+
+
+async def test_presence_is_right_across_replicas(stack: Stack, replicas: list[str], room: str) -> None:
+    alice = await client_on(stack.ws_url, replicas[0], name="alice", room=room)
+    assert alice.welcome is not None
+    assert (alice.welcome["online"], alice.welcome["online_count"]) == (["alice"], 1)
+    bob = await client_on(stack.ws_url, replicas[1], name="bob", room=room)
+    assert bob.welcome is not None
+    assert (bob.welcome["online"], bob.welcome["online_count"]) == (["alice", "bob"], 2)
+    joined = await alice.wait_for(lambda o: o["type"] == "presence" and o["name"] == "bob")
+    assert joined == {"type": "presence", "event": "join", "name": "bob", "online": ["alice", "bob"], "online_count": 2}
+
+    # A second tab of bob's, on the other replica: bob is online already, so nobody hears of it.
+    bob_tab = await client_on(stack.ws_url, replicas[0], name="bob", room=room)
+    await bob_tab.close()
+    carol = await client_on(stack.ws_url, replicas[0], name="carol", room=room)
+    await alice.wait_for(lambda o: o["type"] == "presence" and o["name"] == "carol")
+    about_bob = [o for o in alice.of_type("presence") if o["name"] == "bob"]
+    assert [o["event"] for o in about_bob] == ["join"]
+
+    await bob.close()
+    left = await alice.wait_for(lambda o: o["type"] == "presence" and o["event"] == "leave")
+    assert left == {
+        "type": "presence",
+        "event": "leave",
+        "name": "bob",
+        "online": ["alice", "carol"],
+        "online_count": 2,
+    }
+    heard_by_carol = await carol.wait_for(lambda o: o["type"] == "presence" and o["event"] == "leave")
+    assert heard_by_carol == left
+    await alice.close()
+    await carol.close()
+
+
+async def test_users_of_a_replica_that_dies_without_goodbye_leave_within_about_30_seconds(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    watcher = await client_on(stack.ws_url, replicas[0], name="watcher", room=room)
+    victim = await client_on(stack.ws_url, replicas[1], name="victim", room=room)
+    await watcher.wait_for(lambda o: o["type"] == "presence" and o["name"] == "victim")
+    doomed = stack.web_containers()[1]
+    assert stack.replica_name(doomed) == replicas[1]
+    stack.docker("kill", doomed)
+    killed_at = time.monotonic()
+    try:
+        left = await watcher.wait_for(
+            lambda o: o["type"] == "presence" and o["event"] == "leave" and o["name"] == "victim", timeout=45
+        )
+        took = time.monotonic() - killed_at
+        assert took < 40, f"the dead replica's user stayed online for {took:.0f} s"
+        assert left["online"] == ["watcher"]
+        assert not watcher.closed
+        assert await victim.wait_closed(timeout=30) != 1000
+    finally:
+        await asyncio.to_thread(stack.docker, "start", doomed)
+        await asyncio.to_thread(stack.wait_healthy)
+    await both_replicas_answer(stack, replicas)
+    await watcher.close()
+
+
+# The history API
+
+
+async def test_the_api_pages_back_through_the_history(stack: Stack, replicas: list[str], room: str) -> None:
+    said = await fill(stack, replicas, room, 30)
+    pages: list[list[Obj]] = []
+    more: list[bool] = []
+    params: dict[str, Any] = {"limit": 12}
+    while True:
+        page = api(stack, room, **params)
+        assert page["room"] == room
+        pages.insert(0, page["messages"])
+        more.append(page["more"])
+        if not page["more"]:
+            break
+        params["before"] = page["messages"][0]["id"]
+    assert [len(page) for page in pages] == [6, 12, 12]
+    assert more == [True, True, False]
+    assert [m for page in pages for m in page] == said
+    assert api(stack, room, limit=100) == {"room": room, "messages": said, "more": False}
+    assert api(stack, room, limit=1, before=said[0]["id"]) == {"room": room, "messages": [], "more": False}
+    assert api(stack, room, before="0-0")["messages"] == []
+    assert api(stack, f"{room}-empty") == {"room": f"{room}-empty", "messages": [], "more": False}
+
+
+BAD_REQUESTS = [
+    ("/api/rooms/Lobby/messages", "invalid_room"),
+    ("/api/rooms/" + "a" * 33 + "/messages", "invalid_room"),
+    ("/api/rooms/lob%20by/messages", "invalid_room"),
+    ("/api/rooms/lobby/messages?limit=0", "invalid_limit"),
+    ("/api/rooms/lobby/messages?limit=101", "invalid_limit"),
+    ("/api/rooms/lobby/messages?limit=-5", "invalid_limit"),
+    ("/api/rooms/lobby/messages?limit=ten", "invalid_limit"),
+    ("/api/rooms/lobby/messages?limit=1e1", "invalid_limit"),
+    ("/api/rooms/lobby/messages?limit=99999999999999999999999", "invalid_limit"),
+    ("/api/rooms/lobby/messages?before=last", "invalid_before"),
+    ("/api/rooms/lobby/messages?before=1-", "invalid_before"),
+    ("/api/rooms/lobby/messages?before=99999999999999999999-0", "invalid_before"),
+    ("/api/rooms/lobby/messages?before=%D9%A1-%D9%A0", "invalid_before"),
+]
+
+
+def test_bad_api_parameters_are_400_with_a_json_error_never_a_5xx(stack: Stack) -> None:
+    with stack.http() as http:
+        for path, code in BAD_REQUESTS:
+            response = http.get(path)
+            assert response.status_code == 400, f"{path}: {response.status_code} {response.text}"
+            assert response.headers["content-type"] == "application/json"
+            assert response.json()["error"] == code, path
+            assert response.json()["detail"]
+        for path in ("/api/rooms/lobby/messages?before=0-0", "/api/rooms/lobby/messages?before=00000-00&limit=1"):
+            response = http.get(path)
+            assert response.status_code == 200, f"{path}: {response.status_code} {response.text}"
+            assert response.json()["messages"] == []
+        for path in ("/api/rooms/lobby", "/api/rooms/a/b/messages", "/api/nothing"):
+            response = http.get(path)
+            assert response.status_code == 404, path
+            assert response.json()["error"] == "not_found"
+
+
+def test_health_and_ready_through_nginx(stack: Stack, replicas: list[str]) -> None:
+    health = stack.get("/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "replica": health.json()["replica"]}
+    assert health.json()["replica"] in replicas
+    ready = stack.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+    assert ready.json()["replica"] in replicas
