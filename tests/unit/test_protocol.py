@@ -54,6 +54,7 @@ def refused(data: str | bytes) -> ProtocolError:
         "[" * 2000 + "]" * 2000,  # deeper than any parser should follow
         "1e400",
         '{"type": "say", "text": "\\ud800"}',  # a lone surrogate cannot be text
+        '{"type": "say", "text": "a"}\n{"type": "say", "text": "b"}',  # one object per client frame
     ],
 )
 def test_anything_but_one_json_object_in_a_text_frame_is_bad_json(data: str | bytes) -> None:
@@ -213,6 +214,11 @@ def test_missing_blank_or_control_character_texts_are_invalid_text_with_their_re
 
 def test_a_say_without_text_is_invalid_text() -> None:
     assert refused(frame(type="say")).code == "invalid_text"
+
+
+def test_an_empty_ref_is_a_ref() -> None:
+    assert parse_client_frame(frame(type="say", text="hi", ref="")) == Say(text="hi", ref="")
+    assert json.loads(message_frame("1-0", message_body("lobby", "a", "hi", "")))["ref"] == ""
 
 
 def test_a_ref_of_the_limit_is_accepted() -> None:
