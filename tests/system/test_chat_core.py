@@ -8,6 +8,7 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -66,6 +67,11 @@ def order_key(message_id: str) -> tuple[int, int]:
     return int(millis), int(sequence)
 
 
+def answer_to(ref: str) -> Callable[[Obj], bool]:
+    """The server's answer to the say with this ref: its message, or an error."""
+    return lambda obj: obj.get("ref") == ref and obj["type"] in ("message", "error")
+
+
 async def expect_error(client: ChatClient, frame: Obj | str | bytes, code: str) -> Obj:
     start = len(client.objects)
     await client.send_raw(frame if isinstance(frame, str | bytes) else json.dumps(frame))
@@ -121,10 +127,7 @@ async def test_every_error_code_comes_through_nginx_and_the_connection_stays_usa
     # Past the burst: rate_limited with a wait, and nothing of the refused ones stored.
     for n in range(15):
         await client.say(f"burst {n}", f"burst-{n}")
-    replies = [
-        await client.wait_for(lambda o, ref=f"burst-{n}": o.get("ref") == ref and o["type"] in ("message", "error"))
-        for n in range(15)
-    ]
+    replies = [await client.wait_for(answer_to(f"burst-{n}")) for n in range(15)]
     limited = [reply for reply in replies if reply["type"] == "error"]
     assert limited, "15 messages at once were all accepted"
     for reply in limited:

@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from quart.testing import QuartClient, connections
@@ -84,8 +84,9 @@ class Replica:
         self.exits = exits
 
     async def chat(self, headers: dict[str, str] | None = None) -> Chat:
-        ws = await self.exits.enter_async_context(self.client.websocket("/ws", headers=headers))
-        return Chat(ws)
+        connection = cast(AsgiWebsocket, self.client.websocket("/ws", headers=headers))
+        # Quart types its __aexit__ narrower than a context manager's (no None arguments); it works as one.
+        return Chat(await self.exits.enter_async_context(connection))  # type: ignore[arg-type]
 
 
 SETTINGS = Settings(replica_name="unit-a", history_size=5, rate_limit=5.0, rate_burst=10)
@@ -95,8 +96,8 @@ SETTINGS = Settings(replica_name="unit-a", history_size=5, rate_limit=5.0, rate_
 async def replica() -> AsyncIterator[Replica]:
     app = create_app(SETTINGS)
     async with app.test_app() as test_app, AsyncExitStack() as exits:
-        client = test_app.test_client()
-        client.websocket_connection_class = AsgiWebsocket  # type: ignore[assignment]
+        client = cast(QuartClient, test_app.test_client())
+        client.websocket_connection_class = AsgiWebsocket
         yield Replica(client, exits)
 
 
