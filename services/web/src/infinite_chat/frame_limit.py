@@ -10,7 +10,9 @@ When wsproto cannot parse what a client sent (invalid UTF-8 in a text frame, a r
 frame), it reports a close with the right code (1007, 1002) but leaves the connection open; Hypercorn answers
 with a close frame only when the peer began the close, so it dropped the TCP connection instead and the client saw
 1006, indistinguishable from a crash. RFC 6455 7.1.7 says to fail the connection with a close frame; marking the
-connection as closed by the peer makes Hypercorn send exactly that.
+connection as closed by the peer makes Hypercorn send exactly that. And once this side has sent its close, what
+the client still sends is dropped unread, so that its own close frame, behind the rest of a refused frame, ends
+the connection at once.
 
 Each fix replaces one thing and checks that what it replaces is the one it knows.
 """
@@ -37,11 +39,17 @@ def _extend_within_limit(self: ws_stream.WebsocketBuffer, event: Message) -> Non
     self.length += size
 
 
-class _FailingWithCloseFrame(Connection):
-    """wsproto's connection, but a frame it cannot parse leaves it as if the client had sent that close."""
+class _HardenedConnection(Connection):
+    """wsproto's connection, but a frame it cannot parse leaves it as if the client had sent that close, and data
+    arriving after this side's close is dropped before Hypercorn sees it."""
 
     def events(self) -> Generator[Event, None, None]:
         for event in super().events():
+            if isinstance(event, Message) and self.state is ConnectionState.LOCAL_CLOSING:
+                # After our close (1009, 1012, ...) nothing the client says is read (RFC 6455 5.5.1). Hypercorn would
+                # hand the rest of an oversized frame to the buffer, which refuses it and ends the pass over the
+                # events, so the client's own close behind it was never seen and the socket hung until a timeout.
+                continue
             if isinstance(event, CloseConnection) and self.state is ConnectionState.OPEN:
                 # Only a parse failure yields a close while OPEN (a client's own close frame moves the state first).
                 self._state = ConnectionState.REMOTE_CLOSING
@@ -57,7 +65,7 @@ def harden_websocket_reading() -> None:
         ws_stream.WebsocketBuffer.extend = _extend_within_limit  # type: ignore[method-assign]
     # Hypercorn makes each connection through the name it imported: that name is what is replaced.
     current = getattr(ws_stream, "Connection", None)
-    if current is not _FailingWithCloseFrame:
+    if current is not _HardenedConnection:
         if current is not Connection or not hasattr(Connection(ConnectionType.SERVER), "_state"):
             raise RuntimeError("hypercorn's or wsproto's Connection changed: review infinite_chat/frame_limit.py")
-        setattr(ws_stream, "Connection", _FailingWithCloseFrame)  # noqa: B010
+        setattr(ws_stream, "Connection", _HardenedConnection)  # noqa: B010
