@@ -152,15 +152,15 @@ class ResilientClient:
             self.presence.append((time.monotonic(), obj))
         elif kind == "error":
             self.errors.append(obj)
-            ref = obj.get("ref")
-            if ref in self.unacked:
+            refused = obj.get("ref")
+            if isinstance(refused, str) and refused in self.unacked:
                 if obj["code"] == "rate_limited":
                     asyncio.get_running_loop().call_later(
-                        obj["retry_after_ms"] / 1000, lambda: asyncio.ensure_future(self._resend(ref))
+                        obj["retry_after_ms"] / 1000, lambda: asyncio.ensure_future(self._resend(refused))
                     )
                 else:
-                    self.refused[ref] = obj
-                    self.unacked.pop(ref, None)
+                    self.refused[refused] = obj
+                    self.unacked.pop(refused, None)
         return False
 
     async def _resend(self, ref: str) -> None:

@@ -8,6 +8,7 @@ import json
 import secrets
 import socket
 import struct
+from functools import partial
 
 import httpx
 import pytest
@@ -19,6 +20,11 @@ from support.resilient import read_log
 from support.stack import Stack
 
 MAX_FRAME = 16 * 1024
+
+
+def answers(ref: str, obj: dict[str, object]) -> bool:
+    """Whether a server object is the answer to the message sent with `ref`."""
+    return obj.get("ref") == ref and obj["type"] in ("message", "error")
 
 
 def container_of(stack: Stack, replica: str) -> str:
@@ -144,7 +150,7 @@ async def test_rate_limit_refuses_past_the_burst_and_stores_nothing_refused(stac
     for ref in refs:  # as fast as the socket takes them: far over 5 a second
         await sender.say(f"message {ref}", ref)
     for ref in refs:
-        await sender.wait_for(lambda o, ref=ref: o.get("ref") == ref and o["type"] in ("message", "error"))
+        await sender.wait_for(partial(answers, ref))
     replies = {o["ref"]: o for o in sender.objects if o.get("ref") in refs and o["type"] in ("message", "error")}
     accepted = [ref for ref in refs if replies[ref]["type"] == "message"]
     limited = [replies[ref] for ref in refs if replies[ref]["type"] == "error"]
