@@ -278,6 +278,14 @@ def test_random_frames_get_an_answer_or_a_clean_close(stack: Stack, replicas: li
 
 @pytest.mark.long
 def test_random_frames_long(stack: Stack, replicas: list[str], room: str) -> None:
+    started = time.monotonic()
     prober = fuzz(stack, room, LONG)
     others_still_chat(stack, replicas, f"{room}-{secrets.token_hex(2)}")
+    figures = {
+        "test": "fuzz_long",
+        "frames": prober.frames_sent,
+        "clean_closes": len(prober.closes),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    print(f"\nFIGURES {json.dumps(figures)}")
     assert prober.frames_sent >= 30000
