@@ -3,7 +3,8 @@ step's marker without parsing JSON, several objects per frame, warm-up and late 
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, cast
 
 from chatbench.worker import Client, Connected, Setup, Step, Worker
 
@@ -110,11 +111,32 @@ def test_a_broken_marker_is_malformed() -> None:
     assert len(client.keys) == 0
 
 
-def test_welcome_completes_the_join_and_names_the_replica() -> None:
+class StubSocket:
+    """The one attribute the join path sets on a connection: where its next frame goes."""
+
+    on_frame: Any = None
+
+
+async def test_welcome_completes_the_join_names_the_replica_and_counts_from_the_next_frame() -> None:
     worker, client = make_worker()
-    report = Connected()
-    assert worker.handshake_frame(client, presence(), report) is None
-    assert worker.handshake_frame(client, b'{"type":"welcome","replica":"abc123","history":[]}', report) == ""
+    worker.step = Step("abc1", measure_from=1_000 * MS, measure_to=2_000 * MS)
+    report, socket = Connected(), StubSocket()
+    answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    worker.handshake_frame(client, cast(Any, socket), report, answer, presence())
+    assert not answer.done()
+    welcome = b'{"type":"welcome","replica":"abc123","history":[]}'
+    worker.handshake_frame(client, cast(Any, socket), report, answer, welcome)
+    assert answer.result() == ""
     assert report.replicas == {1: "abc123"}
+    socket.on_frame(message("abc1", 0, 4, 1_100 * MS))  # a delivery in the same read as the welcome
+    assert list(client.keys) == [4]
+
+
+async def test_an_error_instead_of_a_welcome_says_why_the_join_failed() -> None:
+    worker, client = make_worker()
+    report, socket = Connected(), StubSocket()
+    answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     refused = b'{"type":"error","code":"invalid_room","detail":"A room name has 1 to 32 of a-z"}'
-    assert worker.handshake_frame(client, refused, report) == "error invalid_room: A room name has 1 to 32 of a-z"
+    worker.handshake_frame(client, cast(Any, socket), report, answer, refused)
+    assert answer.result() == "error invalid_room: A room name has 1 to 32 of a-z"
+    assert socket.on_frame is None
