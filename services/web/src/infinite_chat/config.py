@@ -52,7 +52,7 @@ class Settings:
     rate_burst: int = 10
     outbox_limit: int = 1_000
     # Under load, at most one frame per connection per this many milliseconds; when quiet, no wait at all.
-    # 10 ms: in interleaved `max` runs it held 1.2-1.4x the deliveries/s of 0 (docs/performance.md), because a
+    # 10 ms: in interleaved `max` runs it held about 1.4x the deliveries/s of 0 (docs/performance.md), because a
     # frame that carries several messages costs the replica, nginx and the client about what one message does;
     # a lone message after a quiet spell is still written at once.
     coalesce_ms: float = 10.0
