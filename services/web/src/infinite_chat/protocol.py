@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
 
+from .characters import name_problem, text_problem
+
 DEFAULT_ROOM = "lobby"
 NAME_MAX = 32
 TEXT_MAX = 2000
 REF_MAX = 64
+# The most bytes these can take in a server frame's JSON: a name's characters at 4 bytes each and its quotes and
+# comma; a message with the longest text, name and ref at their most escaped (a control character in a ref is 6
+# bytes), with its fixed fields. Every bound in bytes is derived from these.
+NAME_MAX_BYTES = NAME_MAX * 4 + 3
+MESSAGE_MAX_BYTES = TEXT_MAX * 4 + NAME_MAX_BYTES + REF_MAX * 6 + 256
 ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
 # Redis stream ids: "<milliseconds>-<sequence>", each part an unsigned 64-bit number. Anything else cannot be in a
 # room's log. At most 19 digits, so that every string that matches is also one Redis accepts (2**64 has 20 digits):
@@ -82,8 +88,9 @@ def _parse_join(obj: dict[str, object]) -> Join:
     name = name.strip()
     if not name or len(name) > NAME_MAX:
         raise ProtocolError("invalid_name", f"A name has 1 to {NAME_MAX} characters.")
-    if _has_control(name, allowed=""):
-        raise ProtocolError("invalid_name", "A name cannot contain control characters such as newlines.")
+    problem = name_problem(name)
+    if problem is not None:
+        raise ProtocolError("invalid_name", problem)
     room = obj.get("room", DEFAULT_ROOM)
     if room is None:
         room = DEFAULT_ROOM
@@ -107,21 +114,15 @@ def _parse_say(obj: dict[str, object]) -> Say:
         raise ProtocolError("invalid_text", "A message needs some text.", ref)
     if len(text) > TEXT_MAX:
         raise ProtocolError("too_long", f"A message has at most {TEXT_MAX} characters.", ref)
-    if _has_control(text, allowed="\n\t"):
-        raise ProtocolError("invalid_text", "A message cannot contain control characters.", ref)
+    problem = text_problem(text)
+    if problem is not None:
+        raise ProtocolError("invalid_text", problem, ref)
     return Say(text=text, ref=ref)
 
 
 def _ref_if_valid(obj: dict[str, object]) -> str | None:
     ref = obj.get("ref")
     return ref if isinstance(ref, str) and len(ref) <= REF_MAX else None
-
-
-def _has_control(text: str, *, allowed: str) -> bool:
-    # Fast path: printable ASCII needs no per-character look-up.
-    if text.isascii() and text.isprintable():
-        return False
-    return any((unicodedata.category(char) == "Cc" and char not in allowed) or char in "\u2028\u2029" for char in text)
 
 
 # Server frames. Messages and presence events are built once, where they are published (broker), and reach
