@@ -25,6 +25,24 @@ def test_an_empty_environment_gives_the_documented_defaults() -> None:
     assert not settings.redis_password
 
 
+def test_the_limits_against_abuse_have_their_documented_defaults() -> None:
+    settings = Settings.from_env({})
+    assert (settings.outbox_limit, settings.outbox_limit_bytes) == (1000, 1024 * 1024)
+    assert (settings.resume_max_messages, settings.resume_max_bytes) == (1000, 512 * 1024)
+    assert (settings.frame_rate, settings.frame_burst) == (20.0, 60)
+    assert settings.presence_interval_ms == 1000
+    assert settings.sockets_per_address == 64
+    assert (settings.address_bytes_per_hour, settings.address_rooms_per_hour) == (16 * 1024 * 1024, 20)
+
+
+def test_an_outbox_too_small_for_a_welcome_is_refused() -> None:
+    with pytest.raises(ConfigError, match="OUTBOX_LIMIT_BYTES"):
+        Settings.from_env({"OUTBOX_LIMIT_BYTES": str(256 * 1024)})  # a resume can bring 512 KiB
+    with pytest.raises(ConfigError, match="OUTBOX_LIMIT_BYTES"):
+        Settings.from_env({"HISTORY_SIZE": "100", "OUTBOX_LIMIT_BYTES": str(600 * 1024), "RESUME_MAX_BYTES": "65536"})
+    Settings.from_env({"OUTBOX_LIMIT_BYTES": str(600 * 1024)})
+
+
 def test_values_are_read_and_typed() -> None:
     settings = Settings.from_env(
         {

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .protocol import MESSAGE_MAX_BYTES, NAME_MAX_BYTES
+
 
 class ConfigError(ValueError):
     """An environment variable has a value this replica cannot run with."""
@@ -51,6 +53,12 @@ class Settings:
     rate_limit: float = 5.0
     rate_burst: int = 10
     outbox_limit: int = 1_000
+    # The same bound in bytes: what one client that does not read can make its replica hold (the welcome included).
+    outbox_limit_bytes: int = 1024 * 1024
+    # A resume brings at most this many missed messages, and bytes of them; past either, a fresh history instead
+    # (`resumed: false`), so one join costs Redis and the replica a bounded read however long the client was away.
+    resume_max_messages: int = 1_000
+    resume_max_bytes: int = 512 * 1024
     # Under load, at most one frame per connection per this many milliseconds; when quiet, no wait at all.
     # 10 ms: in interleaved `max` runs it held about 1.4x the deliveries/s of 0 (docs/performance.md), because a
     # frame that carries several messages costs the replica, nginx and the client about what one message does;
@@ -58,6 +66,18 @@ class Settings:
     coalesce_ms: float = 10.0
     presence_ttl: float = 20.0
     presence_list_max: int = 100
+    # At most one presence event per room per this many milliseconds: a burst of joins and leaves becomes one
+    # event carrying the state after all of them, so churn cannot multiply the room's traffic.
+    presence_interval_ms: int = 1_000
+    # Every frame a client sends (say, join, anything else, pings and pongs, fragments) takes one of these tokens;
+    # a client that runs out is closed with 1008. Far above what the page sends, far below a flood.
+    frame_rate: float = 20.0
+    frame_burst: int = 60
+    # Per client address (the one nginx or the ALB forwarded): open sockets on one replica, and what the address
+    # may add to Redis in an hour: bytes of messages, and rooms it creates (a first message in an empty room).
+    sockets_per_address: int = 64
+    address_bytes_per_hour: int = 16 * 1024 * 1024
+    address_rooms_per_hour: int = 20
     allowed_origins: frozenset[str] = frozenset()
     ping_interval: float = 20.0
     drain_seconds: float = 1.0
@@ -73,7 +93,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         defaults = cls()
-        return cls(
+        settings = cls(
             replica_name=env.get("REPLICA_NAME") or defaults.replica_name,
             port=_int(env, "PORT", defaults.port, low=1, high=65535),
             redis_url=env.get("REDIS_URL") or None,
@@ -85,9 +105,24 @@ class Settings:
             rate_limit=_float(env, "RATE_LIMIT", defaults.rate_limit, low=0.1, high=10_000),
             rate_burst=_int(env, "RATE_BURST", defaults.rate_burst, low=1, high=100_000),
             outbox_limit=_int(env, "OUTBOX_LIMIT", defaults.outbox_limit, low=10, high=1_000_000),
+            outbox_limit_bytes=_int(
+                env, "OUTBOX_LIMIT_BYTES", defaults.outbox_limit_bytes, low=64 * 1024, high=1024 * 1024 * 1024
+            ),
+            resume_max_messages=_int(env, "RESUME_MAX_MESSAGES", defaults.resume_max_messages, low=1, high=1_000_000),
+            resume_max_bytes=_int(env, "RESUME_MAX_BYTES", defaults.resume_max_bytes, low=16 * 1024, high=1 << 30),
             coalesce_ms=_float(env, "COALESCE_MS", defaults.coalesce_ms, low=0, high=1000),
             presence_ttl=_float(env, "PRESENCE_TTL", defaults.presence_ttl, low=2, high=3600),
             presence_list_max=_int(env, "PRESENCE_LIST_MAX", defaults.presence_list_max, low=1, high=10_000),
+            presence_interval_ms=_int(env, "PRESENCE_INTERVAL_MS", defaults.presence_interval_ms, low=0, high=60_000),
+            frame_rate=_float(env, "FRAME_RATE_LIMIT", defaults.frame_rate, low=1, high=100_000),
+            frame_burst=_int(env, "FRAME_RATE_BURST", defaults.frame_burst, low=1, high=1_000_000),
+            sockets_per_address=_int(env, "SOCKETS_PER_ADDRESS", defaults.sockets_per_address, low=1, high=1_000_000),
+            address_bytes_per_hour=_int(
+                env, "ADDRESS_BYTES_PER_HOUR", defaults.address_bytes_per_hour, low=1024, high=1 << 40
+            ),
+            address_rooms_per_hour=_int(
+                env, "ADDRESS_ROOMS_PER_HOUR", defaults.address_rooms_per_hour, low=1, high=1_000_000
+            ),
             allowed_origins=frozenset(
                 origin.strip().rstrip("/").lower()
                 for origin in env.get("ALLOWED_ORIGINS", "").split(",")
@@ -98,6 +133,19 @@ class Settings:
             max_frame_bytes=_int(env, "MAX_FRAME_BYTES", defaults.max_frame_bytes, low=1024, high=1 << 20),
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, {"debug", "info", "warning", "error"}),
         )
+        settings.check_outbox_holds_a_welcome()
+        return settings
+
+    def check_outbox_holds_a_welcome(self) -> None:
+        """A welcome is written through the outbox like everything else: a bound it could not fit in would cut
+        every client off at its join."""
+        history = max(self.resume_max_bytes, self.history_size * MESSAGE_MAX_BYTES)
+        largest = history + self.presence_list_max * NAME_MAX_BYTES + 1024
+        if self.outbox_limit_bytes < largest:
+            raise ConfigError(
+                f"OUTBOX_LIMIT_BYTES={self.outbox_limit_bytes} cannot hold a welcome of up to {largest} bytes "
+                "(RESUME_MAX_BYTES, or HISTORY_SIZE messages of the largest size, plus the online list)"
+            )
 
 
 def _password(env: Mapping[str, str]) -> str:
