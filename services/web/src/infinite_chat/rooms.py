@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from .broker import Broker, BrokerUnavailable, Delivery, presence_entry
 from .config import Settings
-from .connection import Connection, State
+from .connection import CLOSE_TRY_AGAIN, Connection, State
 from .protocol import MessageId
 
 log = logging.getLogger(__name__)
@@ -71,17 +71,30 @@ class Rooms:
             member.post(delivery)
 
     async def fill_gaps(self) -> None:
-        """Run after every (re)subscription: what was published while this replica was not listening."""
+        """Run after every (re)subscription: what was published while this replica was not listening, within the
+        same bound as a resume. Members of a room whose gap is larger (or whose position left the log) are closed
+        with 1013 after what could be read: each then resumes on its own, from what it holds."""
+        settings = self.settings
         for room in self:
-            deliveries = await self.broker.gap(room.name, room.catch_up_from())
-            if deliveries:
+            read = await self.broker.read_after(
+                room.name,
+                room.catch_up_from(),
+                max_messages=settings.resume_max_messages,
+                max_bytes=settings.resume_max_bytes,
+            )
+            if read.deliveries:
                 log.info(
                     "caught up %d messages",
-                    len(deliveries),
+                    len(read.deliveries),
                     extra={"event": "gap_filled", "room": room.name},
                 )
-            for delivery in deliveries:
+            for delivery in read.deliveries:
                 self.deliver(delivery)
+            if not (read.found and read.complete):
+                log.warning("gap too large to fill", extra={"event": "gap_too_large", "room": room.name})
+                for member in list(room.members):
+                    member.close(CLOSE_TRY_AGAIN, "missed too much: reconnect with since")
+                self._rooms.pop(room.name, None)
 
     async def fan_out(self) -> None:
         """Forever: every published message and presence event to the local members of its room."""

@@ -7,7 +7,7 @@ import contextlib
 import logging
 
 from . import metrics
-from .broker import Broker, BrokerUnavailable, Delivery, Online, presence_entry
+from .broker import Broker, BrokerUnavailable, Delivery, Online, QuotaRefusal, presence_entry
 from .config import Settings
 from .connection import CLOSE_TRY_AGAIN, Connection, State
 from .protocol import (
@@ -27,13 +27,20 @@ log = logging.getLogger(__name__)
 
 
 class Session:
-    def __init__(self, connection: Connection, rooms: Rooms, broker: Broker, settings: Settings) -> None:
+    def __init__(
+        self, connection: Connection, rooms: Rooms, broker: Broker, settings: Settings, *, address: str
+    ) -> None:
         self.connection = connection
         self.rooms = rooms
         self.broker = broker
         self.settings = settings
+        # The client's address as addresses.py keys it: what its allowance in Redis is counted against.
+        self.address = address
         self.rate = TokenBucket(settings.rate_limit, settings.rate_burst)
         self.present = False
+        # Whether this connection's first message would create its room (the log was empty at the join). Other
+        # clients may create it meanwhile; then the address is charged a room it did not create, once.
+        self.room_is_new = False
 
     @property
     def joined(self) -> bool:
@@ -71,6 +78,7 @@ class Session:
             connection.close(CLOSE_TRY_AGAIN, "storage unavailable")
             return
         joined_at = history[-1].id if history else (parse_message_id(join.since) if resumed and join.since else None)
+        self.room_is_new = joined_at is None
         connection.go_live(self._welcome(join, online, [d.frame for d in history], resumed), joined_at)
         metrics.JOINS.inc()
         if resumed:
@@ -81,10 +89,15 @@ class Session:
         )
 
     async def _history(self, join: Join) -> tuple[list[Delivery], bool]:
-        if join.since is not None and parse_message_id(join.since) is not None:
-            missed = await self.broker.after(join.room, join.since)
-            if missed is not None:
-                return missed, True
+        """What was missed since `since`, when all of it is within the resume bound; else the recent history."""
+        since = parse_message_id(join.since) if join.since is not None else None
+        if since is not None:
+            settings = self.settings
+            missed = await self.broker.read_after(
+                join.room, since, max_messages=settings.resume_max_messages, max_bytes=settings.resume_max_bytes
+            )
+            if missed.found and missed.complete:
+                return missed.deliveries, True
         return await self.broker.recent(join.room, self.settings.history_size), False
 
     def _welcome(self, join: Join, online: Online, history: list[bytes], resumed: bool) -> bytes:
@@ -112,10 +125,15 @@ class Session:
             return
         body = message_body(connection.room, connection.name, say.text, say.ref)
         try:
+            refusal = await self.broker.charge(self.address, len(body), new_room=self.room_is_new)
+            if refusal is not None:
+                self._refuse(_quota_error(refusal, say.ref), retry_after_ms=refusal.retry_after_ms)
+                return
             await self.broker.append(connection.room, body)
         except BrokerUnavailable:
             detail = "Not sent: the chat cannot store messages right now. Try again."
             raise ProtocolError("unavailable", detail, say.ref) from None
+        self.room_is_new = False
         metrics.MESSAGES_ACCEPTED.inc()
 
     async def end(self) -> None:
@@ -126,3 +144,11 @@ class Session:
             self.present = False
             with contextlib.suppress(BrokerUnavailable):
                 await self.broker.leave(connection.room, presence_entry(connection.id, connection.name))
+
+
+def _quota_error(refusal: QuotaRefusal, ref: str | None) -> ProtocolError:
+    if refusal.code == "too_many_rooms":
+        detail = "Not sent: your address has started too many new rooms this hour. Use an existing room, or wait."
+    else:
+        detail = "Not sent: your address has sent too much this hour. Wait a little."
+    return ProtocolError(refusal.code, detail, ref)

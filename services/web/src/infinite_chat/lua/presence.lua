@@ -1,16 +1,24 @@
 -- Who is online in one room. A sorted set of "<connection id>|<name>", each scored with the time (Redis's own
 -- clock, so the replicas' clocks do not matter) after which it counts as gone unless its replica renews it.
--- A name is online while any of its connections is; join and leave events are published only when that changes,
--- through the same channel as messages.
+-- A name is online while any of its connections is. A change (a name comes online or goes) is published through
+-- the same channel as messages, at most once per room per interval: a change within the interval after the last
+-- event waits, and the event that ends the wait carries the state after every change meanwhile, with the last
+-- change as its event and name. So a burst of joins and leaves costs the room one event per interval.
 -- KEYS[1]  the room's presence set
--- ARGV[1]  "join" | "leave" | "refresh"
+-- KEYS[2]  the room's presence events: a hash of at (when the last event went out, ms), due (1 while a change
+--          waits), event and name (the last change)
+-- ARGV[1]  "join" | "leave" | "refresh" | "flush" (publish a waiting change if it is due)
 -- ARGV[2]  time to live of an entry, in milliseconds
 -- ARGV[3]  at most this many names in an event's "online" list (online_count always has the total)
 -- ARGV[4]  the fan-out channel
 -- ARGV[5]  the room's name
--- ARGV[6...]  the connection entries ("<connection id>|<name>") this call is about
-local key = KEYS[1]
+-- ARGV[6]  the room's presence interval, in milliseconds
+-- ARGV[7...]  the connection entries ("<connection id>|<name>") this call is about
+-- Returns the names online (JSON list, at most ARGV[3]), their number, and the milliseconds until a waiting change
+-- is due (0 when none waits): the caller asks again ("flush") then.
+local key, events = KEYS[1], KEYS[2]
 local action, ttl, list_max, channel, room = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local interval = tonumber(ARGV[6])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
@@ -40,11 +48,7 @@ local function encode_names(names)
   return cjson.encode(names)
 end
 
-local function announce(event, name)
-  local names, count = online()
-  redis.call('PUBLISH', channel, room .. '\n\n' .. '{"type":"presence","event":"' .. event .. '","name":'
-    .. cjson.encode(name) .. ',"online":' .. encode_names(names) .. ',"online_count":' .. count .. '}')
-end
+local change_event, change_name = nil, nil
 
 -- Entries whose replica stopped renewing them (it died without saying goodbye): their names leave.
 local function sweep()
@@ -52,39 +56,53 @@ local function sweep()
   if #expired == 0 then return end
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   local _, _, seen = online()
-  local gone = {}
   for _, entry in ipairs(expired) do
     local name = name_of(entry)
-    if not seen[name] and not gone[name] then
-      gone[name] = true
-      announce('leave', name)
-    end
+    if not seen[name] then change_event, change_name = 'leave', name end
   end
 end
 
 sweep()
 if action == 'join' or action == 'refresh' then
   local _, _, seen = online()
-  for i = 6, #ARGV do
+  for i = 7, #ARGV do
     local entry = ARGV[i]
     -- A refresh re-adds an entry that was swept (its replica lost Redis for longer than the TTL).
     local added = redis.call('ZADD', key, now + ttl, entry)
     local name = name_of(entry)
     if added == 1 and not seen[name] then
       seen[name] = true
-      announce('join', name)
+      change_event, change_name = 'join', name
     end
   end
 elseif action == 'leave' then
-  for i = 6, #ARGV do
+  for i = 7, #ARGV do
     local entry = ARGV[i]
     if redis.call('ZREM', key, entry) == 1 then
       local _, _, seen = online()
-      if not seen[name_of(entry)] then announce('leave', name_of(entry)) end
+      if not seen[name_of(entry)] then change_event, change_name = 'leave', name_of(entry) end
     end
   end
 end
--- The set lives as long as someone renews it.
+
+if change_event then
+  redis.call('HSET', events, 'due', '1', 'event', change_event, 'name', change_name)
+end
+local wait = 0
+local state = redis.call('HMGET', events, 'at', 'due', 'event', 'name')
+if state[2] == '1' then
+  local at = tonumber(state[1] or '') or 0
+  if now - at >= interval then
+    local names, count = online()
+    redis.call('PUBLISH', channel, room .. '\n\n' .. '{"type":"presence","event":"' .. state[3] .. '","name":'
+      .. cjson.encode(state[4]) .. ',"online":' .. encode_names(names) .. ',"online_count":' .. count .. '}')
+    redis.call('HSET', events, 'at', now, 'due', '0')
+  else
+    wait = at + interval - now
+  end
+end
+-- Both live as long as someone renews the set.
 redis.call('PEXPIRE', key, ttl * 2)
+redis.call('PEXPIRE', events, ttl * 2)
 local names, count = online()
-return {encode_names(names), count}
+return {encode_names(names), count, wait}
