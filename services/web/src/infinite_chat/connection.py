@@ -24,9 +24,16 @@ from .protocol import FRAME_SEPARATOR, MessageId
 log = logging.getLogger(__name__)
 
 # WebSocket close codes this replica uses (docs/protocol.md).
+CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
+# A close that cannot be written within this long (the client does not read, so the close frame waits behind what
+# it has not read) ends the TCP connection instead: what the replica held for it is freed.
+CLOSE_TIMEOUT = 10.0
+# A socket that takes nothing of what is written to it for this long (every buffer on the way is full) is gone as
+# far as the chat is concerned, like a peer that stops reading for nginx's send_timeout: it is dropped.
+STALL_TIMEOUT = 60.0
 
 
 class FrameSink(Protocol):
@@ -38,6 +45,9 @@ class FrameSink(Protocol):
     async def drained(self) -> None: ...
 
     async def close(self, code: int, reason: str) -> None: ...
+
+    def abort(self) -> None:
+        """Ends the connection at once, dropping whatever is still buffered for it."""
 
 
 class State(enum.Enum):
@@ -84,6 +94,7 @@ class Flusher:
 
 class Connection:
     __slots__ = (
+        "_abort_timer",
         "_blocked",
         "_close_sent",
         "_flusher",
@@ -91,12 +102,15 @@ class Connection:
         "close_code",
         "close_reason",
         "held",
+        "held_bytes",
         "id",
         "joined_at",
         "limit",
+        "limit_bytes",
         "name",
         "on_overflow",
         "pending",
+        "pending_bytes",
         "room",
         "state",
     )
@@ -107,6 +121,7 @@ class Connection:
         flusher: Flusher,
         *,
         outbox_limit: int,
+        outbox_limit_bytes: int,
         on_overflow: Callable[[Connection], object],
     ) -> None:
         self.id = secrets.token_hex(6)
@@ -117,7 +132,11 @@ class Connection:
         self.joined_at: MessageId | None = None
         self.pending: list[Delivery] = []
         self.held: list[Delivery] = []
+        # Bytes of the frames in `pending` and `held`: the outbox is bounded in both objects and bytes.
+        self.pending_bytes = 0
+        self.held_bytes = 0
         self.limit = outbox_limit
+        self.limit_bytes = outbox_limit_bytes
         self.close_code: int | None = None
         self.close_reason = ""
         self.on_overflow = on_overflow
@@ -125,6 +144,7 @@ class Connection:
         self._flusher = flusher
         self._blocked = False
         self._close_sent = False
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     def post(self, delivery: Delivery) -> None:
         """Called by the fan-out for every recipient of every message: keep it short."""
@@ -133,15 +153,17 @@ class Connection:
             return
         pending = self.pending
         pending.append(delivery)
+        self.pending_bytes += len(delivery.frame)
         if len(pending) == 1:
             self._flusher.mark(self)
-        elif len(pending) > self.limit:
+        elif len(pending) > self.limit or self.pending_bytes > self.limit_bytes:
             self._overflow()
 
     def _post_not_live(self, delivery: Delivery) -> None:
         if self.state is State.JOINING:
             self.held.append(delivery)
-            if len(self.held) > self.limit:
+            self.held_bytes += len(delivery.frame)
+            if len(self.held) > self.limit or self.held_bytes > self.limit_bytes:
                 self._overflow()
         elif self.state is State.CATCHING_UP:
             if delivery.id is not None:
@@ -158,9 +180,10 @@ class Connection:
 
     def _push(self, delivery: Delivery) -> None:
         self.pending.append(delivery)
+        self.pending_bytes += len(delivery.frame)
         if len(self.pending) == 1:
             self._flusher.mark(self)
-        elif len(self.pending) > self.limit:
+        elif len(self.pending) > self.limit or self.pending_bytes > self.limit_bytes:
             self._overflow()
 
     def start_joining(self, room: str, name: str) -> None:
@@ -175,6 +198,7 @@ class Connection:
         self.joined_at = joined_at
         self.reply(welcome)
         held, self.held = self.held, []
+        self.held_bytes = 0
         self.state = State.CATCHING_UP
         for delivery in held:
             self.post(delivery)
@@ -187,13 +211,25 @@ class Connection:
         if self.state is not State.CLOSING:
             self.state = State.CLOSING
             self.held = []
+            self.held_bytes = 0
+            self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._sink.abort)
         self._flusher.mark(self)
+
+    def release(self) -> None:
+        """The socket has ended: nothing more is written, and nothing is held for it."""
+        self.state = State.CLOSING
+        self._close_sent = True
+        self.pending, self.held = [], []
+        self.pending_bytes = self.held_bytes = 0
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
 
     def _overflow(self) -> None:
         # A client this far behind would only fall further: drop what it has not read, and tell it to come back
         # with `since`. Memory stays bounded whatever it does.
-        self.pending = []
-        self.held = []
+        self.pending, self.held = [], []
+        self.pending_bytes = self.held_bytes = 0
         metrics.SLOW_CONSUMERS.inc()
         self.close(CLOSE_TRY_AGAIN, "too slow: reconnect with since")
         # Not now: this runs inside the fan-out's loop over the room's members, and taking a member out of that set
@@ -207,6 +243,7 @@ class Connection:
         batch = self.pending
         if batch:
             self.pending = []
+            self.pending_bytes = 0
             if not self._sink.write(FRAME_SEPARATOR.join([delivery.frame for delivery in batch])):
                 self._blocked = True
                 asyncio.get_running_loop().create_task(self._wait_drained())
@@ -216,7 +253,12 @@ class Connection:
             asyncio.get_running_loop().create_task(self._sink.close(self.close_code, self.close_reason))
 
     async def _wait_drained(self) -> None:
-        await self._sink.drained()
+        try:
+            await asyncio.wait_for(self._sink.drained(), STALL_TIMEOUT)
+        except TimeoutError:
+            metrics.SLOW_CONSUMERS.inc()
+            self._sink.abort()
+            return
         self._blocked = False
         if self.pending or self.close_code is not None:
             self._flusher.mark(self)

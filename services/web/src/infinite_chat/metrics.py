@@ -21,17 +21,31 @@ MESSAGES_RECEIVED = Counter("chat_messages_received", "say frames received from 
 MESSAGES_ACCEPTED = Counter("chat_messages_accepted", "Messages stored and published.")
 MESSAGES_REFUSED = Counter("chat_messages_refused", "Client frames refused, by error code.", ["code"])
 SLOW_CONSUMERS = Counter("chat_slow_consumers", "Connections closed because their outbox overflowed.")
+SOCKETS_REFUSED = Counter("chat_sockets_refused", "Sockets refused before the upgrade, by reason.", ["reason"])
+FLOODS = Counter("chat_floods", "Connections closed (1008) for sending more frames than allowed.")
 REDIS_ERRORS = Counter("chat_redis_errors", "Redis calls that failed, by kind.", ["kind"])
 REDIS_RECONNECTS = Counter("chat_redis_reconnects", "Times the fan-out subscription was lost and retried.")
 # Labelled series exist only once used, and rate() cannot see a series' first increment: start the usual ones at 0
 # so that a first error shows up in graphs and alerts. Codes not listed here (protocol.md) appear on first use.
 for _kind in ("command", "subscribe"):
     REDIS_ERRORS.labels(_kind)
-for _code in ("bad_json", "invalid_text", "too_long", "not_joined", "rate_limited", "unavailable"):
+for _code in (
+    "bad_json",
+    "invalid_text",
+    "too_long",
+    "not_joined",
+    "rate_limited",
+    "quota_exceeded",
+    "too_many_rooms",
+    "unavailable",
+):
     MESSAGES_REFUSED.labels(_code)
+SOCKETS_REFUSED.labels("too_many_sockets")
 
 OUTBOX_MESSAGES = Gauge("chat_outbox_messages", "Objects waiting in all outboxes of this replica.")
 OUTBOX_MAX = Gauge("chat_outbox_max_messages", "Objects waiting in the fullest outbox of this replica.")
+OUTBOX_BYTES = Gauge("chat_outbox_bytes", "Bytes of frames waiting in all outboxes of this replica.")
+OUTBOX_MAX_BYTES = Gauge("chat_outbox_max_bytes", "Bytes of frames waiting in the fullest outbox of this replica.")
 
 LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -79,7 +93,14 @@ class _SendPathCollector(Collector):
 REGISTRY.register(_SendPathCollector())
 
 
-def watch_outboxes(total: Callable[[], float], largest: Callable[[], float]) -> None:
+def watch_outboxes(
+    total: Callable[[], float],
+    largest: Callable[[], float],
+    total_bytes: Callable[[], float],
+    largest_bytes: Callable[[], float],
+) -> None:
     """Outbox depth is read when scraped rather than counted on every delivery (the hot path)."""
     OUTBOX_MESSAGES.set_function(total)
     OUTBOX_MAX.set_function(largest)
+    OUTBOX_BYTES.set_function(total_bytes)
+    OUTBOX_MAX_BYTES.set_function(largest_bytes)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import metrics
+from .addresses import Sockets
 from .broker import Broker, open_broker
 from .config import Settings
 from .connection import CLOSE_RESTART, Connection, Flusher
@@ -22,6 +23,7 @@ class Replica:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.connections: set[Connection] = set()
+        self.sockets = Sockets(settings.sockets_per_address)
         self.draining = False
         self._broker: Broker | None = None
         self._rooms: Rooms | None = None
@@ -49,7 +51,7 @@ class Replica:
             asyncio.create_task(_forever("fan_out", self._rooms.fan_out)),
             asyncio.create_task(_forever("keep_presence", self._rooms.keep_presence)),
         ]
-        metrics.watch_outboxes(self.outbox_total, self.outbox_largest)
+        metrics.watch_outboxes(self.outbox_total, self.outbox_largest, self.outbox_bytes, self.outbox_largest_bytes)
         # Everything alive now (modules, the app) lives as long as the process: keep it out of every GC pass.
         gc.freeze()
         log.info(
@@ -95,6 +97,12 @@ class Replica:
 
     def outbox_largest(self) -> int:
         return max((len(c.pending) + len(c.held) for c in list(self.connections)), default=0)
+
+    def outbox_bytes(self) -> int:
+        return sum(c.pending_bytes + c.held_bytes for c in list(self.connections))
+
+    def outbox_largest_bytes(self) -> int:
+        return max((c.pending_bytes + c.held_bytes for c in list(self.connections)), default=0)
 
 
 async def _forever(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
