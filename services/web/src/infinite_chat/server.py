@@ -57,5 +57,5 @@ def main() -> None:
         print(f"infinite-chat: configuration error: {error}", file=sys.stderr)
         sys.exit(2)
     logs.configure(settings.replica_name, settings.log_level)
-    harden_websocket_reading()
+    harden_websocket_reading(settings.frame_rate, settings.frame_burst)
     uvloop.run(serve_until_stopped(create_app(settings), hypercorn_config(settings)))
