@@ -24,7 +24,9 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope, WebsocketScope
 from wsproto.connection import ConnectionState
 
-from .connection import Connection
+from . import metrics
+from .addresses import client_address
+from .connection import CLOSE_TRY_AGAIN, Connection
 from .replica import Replica
 from .session import Session
 
@@ -73,14 +75,30 @@ class ChatSocketRoute:
         if replica.draining:
             await _refuse(send, 503, "draining", "This replica is restarting; try again.")
             return
-        await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+        address = client_address(scope["headers"], scope.get("client"))
+        if not replica.sockets.open(address):
+            metrics.SOCKETS_REFUSED.labels("too_many_sockets").inc()
+            await _refuse(send, 429, "too_many_sockets", "Too many chat sockets from your address; close some.")
+            return
+        try:
+            await self._chat(address, receive, send)
+        finally:
+            replica.sockets.closed(address)
 
+    async def _chat(self, address: str, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        replica = self.replica
+        settings = replica.settings
+        await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
         sink: DirectFrames | AsgiFrames = DirectFrames.under(send) or AsgiFrames(send)
         rooms = replica.rooms
         connection = Connection(
-            sink, replica.flusher, outbox_limit=replica.settings.outbox_limit, on_overflow=rooms.remove
+            sink,
+            replica.flusher,
+            outbox_limit=settings.outbox_limit,
+            outbox_limit_bytes=settings.outbox_limit_bytes,
+            on_overflow=rooms.remove,
         )
-        session = Session(connection, rooms, replica.broker, replica.settings)
+        session = Session(connection, rooms, replica.broker, settings, address=address)
         replica.opened(connection)
         try:
             while True:
@@ -91,6 +109,7 @@ class ChatSocketRoute:
                 await session.handle(text if text is not None else event.get("bytes") or b"")
         finally:
             sink.stop()
+            connection.release()
             replica.closed(connection)
             await asyncio.shield(session.end())
             log.debug("socket closed", extra={"event": "socket_closed", "connection": connection.id})
@@ -143,6 +162,10 @@ class DirectFrames:
     async def close(self, code: int, reason: str) -> None:
         await self.asgi_send({"type": "websocket.close", "code": code, "reason": reason})
 
+    def abort(self) -> None:
+        # Hypercorn sees the connection lost and ends the stream: the receive loop gets its disconnect.
+        self.transport.abort()
+
     def stop(self) -> None:
         pass
 
@@ -165,6 +188,13 @@ class AsgiFrames:
 
     async def close(self, code: int, reason: str) -> None:
         self._queue.put_nowait((code, reason))
+
+    def abort(self) -> None:
+        # ASGI has no way to drop a connection: stop writing, and close it as soon as the server lets us.
+        self._task.cancel()
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._queue.put_nowait((CLOSE_TRY_AGAIN, "too slow"))
 
     def stop(self) -> None:
         self._task.cancel()
