@@ -15,7 +15,12 @@ fi
 case "$password" in
   *[!A-Za-z0-9_-]*) echo "redis: the password may hold only letters, digits, - and _" >&2; exit 1 ;;
 esac
+maxmemory=${REDIS_MAXMEMORY:-512mb}
+case "$maxmemory" in
+  *[!0-9a-zA-Z]* | "") echo "redis: REDIS_MAXMEMORY must be a size such as 512mb" >&2; exit 1 ;;
+esac
 # exec: Redis becomes PID 1 and gets docker stop's SIGTERM itself, so it flushes the append-only file.
 exec redis-server /etc/redis/infinite-chat.conf - <<CONF
 requirepass "$password"
+maxmemory $maxmemory
 CONF
