@@ -12,6 +12,7 @@ from pathlib import Path
 from playwright.async_api import Browser, ConsoleMessage, Dialog, Locator, Page, ViewportSize, expect
 from playwright.async_api import Error as PlaywrightError
 
+from support.addresses import forwarded
 from support.chat import ChatClient
 from support.stack import Stack
 
@@ -54,7 +55,10 @@ class ChatPage:
         viewport: ViewportSize = DESKTOP,
         base_url: str | None = None,
     ) -> ChatPage:
-        context = await browser.new_context(viewport=viewport, base_url=base_url or stack.base_url)
+        # Each person of the test from an address of their own, as in life (support/addresses.py).
+        context = await browser.new_context(
+            viewport=viewport, base_url=base_url or stack.base_url, extra_http_headers=forwarded()
+        )
         chat = cls(await context.new_page(), name)
 
         async def on_dialog(dialog: Dialog) -> None:
@@ -319,7 +323,7 @@ async def test_markup_in_messages_and_names_is_shown_as_text_and_runs_nothing(
 
 
 async def test_the_page_checks_what_the_server_would_refuse(browser: Browser, stack: Stack, room: str) -> None:
-    context = await browser.new_context(viewport=PHONE, base_url=stack.base_url)
+    context = await browser.new_context(viewport=PHONE, base_url=stack.base_url, extra_http_headers=forwarded())
     page = await context.new_page()
     await navigate(page, f"/#{room}")
     name = page.get_by_label("Your name", exact=True)

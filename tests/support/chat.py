@@ -4,6 +4,7 @@ deadline (never a sleep-and-hope)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -11,6 +12,8 @@ from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection
+
+from .addresses import forwarded
 
 Obj = dict[str, Any]
 
@@ -41,11 +44,16 @@ class ChatClient:
         self.frames = 0
         self.welcome: Obj | None = None
         self.close_code: int | None = None
+        # Set whenever an object arrives (or the socket ends): waiting wakes at once, not at the next poll.
+        self._arrived = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, url: str, *, origin: str | None = None, **options: Any) -> ChatClient:
-        headers = {"Origin": origin} if origin else None
+    async def open(
+        cls, url: str, *, origin: str | None = None, address: str | None = None, **options: Any
+    ) -> ChatClient:
+        """A new socket, from `address` (a fresh one when None: see addresses.py)."""
+        headers = forwarded(address) | ({"Origin": origin} if origin else {})
         ws = await websockets.connect(
             url, additional_headers=headers, compression=None, open_timeout=15, max_size=None, **options
         )
@@ -59,10 +67,12 @@ class ChatClient:
                 # A server frame holds one or more objects, one per line.
                 for line in text.split("\n"):
                     self.objects.append(json.loads(line))
+                self._arrived.set()
         except websockets.ConnectionClosed:
             pass
         finally:
             self.close_code = self.ws.close_code if self.ws.close_code is not None else 1006
+            self._arrived.set()
 
     @property
     def closed(self) -> bool:
@@ -132,9 +142,13 @@ class ChatClient:
                     return obj
             if self.closed:
                 raise AssertionError(f"connection closed ({self.close_code}) while waiting; got {self.objects[start:]}")
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise AssertionError(f"timed out after {timeout}s; received since: {self.objects[start:][-10:]}")
-            await asyncio.sleep(0.02)
+            self._arrived.clear()
+            if index == len(self.objects) and not self.closed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
 
     async def wait_closed(self, timeout: float = 10) -> int:
         await asyncio.wait_for(asyncio.shield(self._reader), timeout)

@@ -12,6 +12,8 @@ import socket
 import struct
 from typing import Any
 
+from .addresses import forwarded
+
 OP_TEXT = 0x1
 OP_BINARY = 0x2
 OP_CLOSE = 0x8
@@ -76,7 +78,7 @@ class RawSocket:
             "Connection: Upgrade",
             f"Sec-WebSocket-Key: {key}",
             "Sec-WebSocket-Version: 13",
-            *(f"{name}: {value}" for name, value in (headers or {}).items()),
+            *(f"{name}: {value}" for name, value in (forwarded() | (headers or {})).items()),
         ]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
@@ -113,7 +115,8 @@ class RawSocket:
                 raise EOFError("connection ended without a close frame") from error
             opcode = head[0] & 0x0F
             if opcode == OP_PING:
-                await self.send_frame(OP_PONG, payload)
+                with contextlib.suppress(ConnectionError):  # the server may be gone already: read on to the end
+                    await self.send_frame(OP_PONG, payload)
                 continue
             if opcode == OP_CLOSE:
                 self.close_code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
@@ -122,7 +125,7 @@ class RawSocket:
     async def read_objects(self) -> list[dict[str, Any]]:
         """The objects of the next text frame (a server frame holds one per line); [] for a close frame."""
         opcode, payload = await self.read_frame()
-        if opcode == OP_CLOSE:
+        if opcode in (OP_CLOSE, OP_PONG):
             return []
         return [json.loads(line) for line in payload.decode().split("\n")]
 
@@ -132,6 +135,18 @@ class RawSocket:
         async with asyncio.timeout(timeout):
             while self.close_code is None:
                 objects.extend(await self.read_objects())
+        return objects
+
+    async def read_until_end(self, timeout: float) -> list[dict[str, Any]]:
+        """Everything the server sends until its close frame (the code is then in `close_code`) or until it ends the
+        connection without one (`close_code` stays None)."""
+        objects: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while self.close_code is None:
+                try:
+                    objects.extend(await self.read_objects())
+                except EOFError:
+                    break
         return objects
 
     def abort(self) -> None:

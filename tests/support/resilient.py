@@ -16,12 +16,18 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from .addresses import forwarded, new_address
+
 Obj = dict[str, Any]
 
 
 class ResilientClient:
-    def __init__(self, url: str, name: str, room: str, *, origin: str | None = None) -> None:
+    def __init__(
+        self, url: str, name: str, room: str, *, origin: str | None = None, address: str | None = None
+    ) -> None:
         self.url = url
+        # One person, one address, across every reconnection.
+        self.address = address or new_address()
         self.name = name
         self.room = room
         self.origin = origin
@@ -94,7 +100,7 @@ class ResilientClient:
         while not self._stopping:
             joined = False
             try:
-                headers = {"Origin": self.origin} if self.origin else None
+                headers = forwarded(self.address) | ({"Origin": self.origin} if self.origin else {})
                 async with websockets.connect(
                     self.url, additional_headers=headers, compression=None, open_timeout=15, max_size=None
                 ) as ws:
@@ -194,7 +200,7 @@ def read_log(base_url: str, room: str) -> list[Obj]:
     """The room's whole log through the HTTP API (pages of 100, oldest first): the accepted messages."""
     pages: list[list[Obj]] = []
     before: str | None = None
-    with httpx.Client(base_url=base_url, timeout=30) as http:
+    with httpx.Client(base_url=base_url, timeout=30, headers=forwarded()) as http:
         while True:
             params = {"limit": "100"} | ({"before": before} if before else {})
             response = http.get(f"/api/rooms/{room}/messages", params=params)

@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 from testcontainers.compose import DockerCompose
 
+from .addresses import forwarded
+
 ROOT = Path(__file__).resolve().parents[2]
 STACK_ENV = ROOT / "tests" / "stack.env"
 
@@ -105,7 +107,7 @@ class Stack:
         raise AssertionError(f"stack not healthy within {timeout}s: {states}")
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=10)
+        return httpx.Client(base_url=self.base_url, timeout=10, headers=forwarded())
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
         with self.http() as client:
@@ -113,6 +115,28 @@ class Stack:
 
     def exec(self, container: str, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.docker("exec", container, *command, check=check)
+
+    def container_of(self, replica: str) -> str:
+        """The container of the replica that calls itself `replica` (as a welcome names it)."""
+        return {self.replica_name(container): container for container in self.web_containers()}[replica]
+
+    def rss_kib(self, container: str) -> int:
+        """Resident memory of the container's main process (PID 1), in KiB."""
+        return int(self.exec(container, "grep", "VmRSS", "/proc/1/status").stdout.split()[1])
+
+    def redis_cli(self, *args: str) -> str:
+        """A redis-cli command in Redis's own container, with the password from its environment."""
+        command = 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli "$@"'
+        return self.exec(self.containers("redis")[0], "sh", "-c", command, "redis-cli", *args).stdout
+
+    def redis_info(self) -> dict[str, str]:
+        """Redis's INFO (memory, CPU, stats, ...) as field -> value."""
+        lines = self.redis_cli("info", "everything").splitlines()
+        return dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
+
+    def redis_cpu_seconds(self) -> float:
+        info = self.redis_info()
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
     def replica_metrics(self, container: str) -> dict[str, float]:
         """The replica's /metrics (not reachable through nginx), read from inside its container."""
@@ -129,6 +153,16 @@ class Stack:
 @contextmanager
 def running_stack() -> Iterator[Stack]:
     require_docker()
+    reused = os.environ.get("TEST_STACK_PROJECT")
+    if reused:
+        # While writing a test: run it against a stack already up (started with tests/stack.env's settings), which
+        # is left as it is. CI never sets this.
+        yield Stack(
+            project=reused,
+            http_port=int(os.environ["TEST_STACK_PORT"]),
+            env={"COMPOSE_PROJECT_NAME": reused, "REDIS_PASSWORD": os.environ.get("TEST_STACK_REDIS_PASSWORD", "")},
+        )
+        return
     project = f"chat-test-{secrets.token_hex(3)}"
     stack = Stack(
         project=project,

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection, connect
 
+from support.addresses import forwarded
 from support.chat import ChatClient, clients_on_each_replica, eventually
 from support.stack import Stack
 
@@ -126,7 +127,14 @@ class Prober:
 
     def _open(self) -> ClientConnection:
         # Entered by hand: the socket outlives any one block here, and close() ends it.
-        return connect(self.url, compression=None, max_size=None, open_timeout=15, close_timeout=5).__enter__()
+        return connect(
+            self.url,
+            compression=None,
+            max_size=None,
+            open_timeout=15,
+            close_timeout=5,
+            additional_headers=forwarded(),
+        ).__enter__()
 
     def reopen(self) -> None:
         self.ws.close()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import websockets
 
+from support.addresses import forwarded
 from support.chat import ChatClient, client_on
 from support.rawws import OP_CLOSE, OP_TEXT, RawSocket, frame_header, mask
 from support.resilient import read_log
@@ -25,14 +26,6 @@ MAX_FRAME = 16 * 1024
 def answers(ref: str, obj: dict[str, object]) -> bool:
     """Whether a server object is the answer to the message sent with `ref`."""
     return obj.get("ref") == ref and obj["type"] in ("message", "error")
-
-
-def container_of(stack: Stack, replica: str) -> str:
-    return {stack.replica_name(c): c for c in stack.web_containers()}[replica]
-
-
-def rss_kib(stack: Stack, container: str) -> int:
-    return int(stack.exec(container, "grep", "VmRSS", "/proc/1/status").stdout.split()[1])
 
 
 async def still_chats(stack: Stack, replica: str, room: str) -> None:
@@ -69,8 +62,8 @@ async def test_a_five_megabyte_frame_is_refused_before_it_is_read(stack: Stack, 
     raw = await RawSocket.open("127.0.0.1", stack.http_port)
     await raw.send_json({"type": "join", "name": "flooder", "room": room})
     replica = (await raw.read_objects())[0]["replica"]
-    container = container_of(stack, replica)
-    before = rss_kib(stack, container)
+    container = stack.container_of(replica)
+    before = stack.rss_kib(container)
 
     size = 5 * 1024 * 1024
     key = b"\x01\x02\x03\x04"
@@ -92,7 +85,7 @@ async def test_a_five_megabyte_frame_is_refused_before_it_is_read(stack: Stack, 
         await asyncio.wait_for(raw.reader.read(), 10)  # and hangs up at once, not after a timeout
     except ConnectionError:
         pass  # the replica or nginx may hang up on a peer that ignores the close: fine too
-    after = rss_kib(stack, container)
+    after = stack.rss_kib(container)
     raw.abort()
     assert after - before < 4 * 1024, f"replica memory grew by {after - before} KiB for a refused 5 MiB frame"
     await still_chats(stack, replica, room)
@@ -100,7 +93,7 @@ async def test_a_five_megabyte_frame_is_refused_before_it_is_read(stack: Stack, 
 
 async def test_frames_that_cannot_be_parsed_are_closed_with_a_close_frame(stack: Stack) -> None:
     """Invalid UTF-8 in a text frame: 1007 (a close frame, not a dropped connection)."""
-    ws = await websockets.connect(stack.ws_url, compression=None)
+    ws = await websockets.connect(stack.ws_url, compression=None, additional_headers=forwarded())
     await ws.send(b'{"type": "join", "name": "\xff\xfe"}', text=True)
     with pytest.raises(websockets.ConnectionClosed):
         await asyncio.wait_for(ws.recv(), 10)
@@ -171,6 +164,63 @@ async def test_rate_limit_refuses_past_the_burst_and_stores_nothing_refused(stac
     await reader.close()
 
 
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("\u200b", "a zero-width space alone"),
+        ("\u3164", "a Hangul filler, which draws nothing"),
+        ("\u2800", "the Braille blank"),
+        ("alice\u200b", "alice with a zero-width space: a second alice in the online list"),
+        ("\u202enimda", "a right-to-left override: shows as admin"),
+        ("\u0301abc", "a name starting with a combining accent"),
+        ("bob\ue000", "a private-use character"),
+        ("bob\U000e0041", "a tag character"),
+    ],
+)
+async def test_an_invisible_or_reversed_name_is_refused(stack: Stack, room: str, name: str, reason: str) -> None:
+    client = await ChatClient.open(stack.ws_url)
+    await client.send({"type": "join", "name": name, "room": room})
+    error = await client.wait_for(lambda o: o["type"] == "error")
+    assert error["code"] == "invalid_name", reason
+    await client.join("visible", room)  # the socket carries on
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("\u200b\u200b\u200b", "zero-width spaces only"),
+        ("\u3164\u3164", "Hangul fillers only"),
+        ("\u2800", "the Braille blank"),
+        ("\u200b \u2800 \u3164", "blanks of every kind, with spaces"),
+        ("\u0301", "a combining accent alone"),
+        ("see \u202egnp.exe", "a right-to-left override: shows as exe.png"),
+        ("isolated \u2066text\u2069", "a directional isolate"),
+    ],
+)
+async def test_an_invisible_or_reversing_text_is_refused(stack: Stack, room: str, text: str, reason: str) -> None:
+    client = await ChatClient.open(stack.ws_url)
+    await client.join("texter", room)
+    answer = await client.say_and_wait(text, ref="t")
+    assert (answer["type"], answer.get("code")) == ("error", "invalid_text"), reason
+    assert await asyncio.to_thread(read_log, stack.base_url, room) == []
+    await client.close()
+
+
+async def test_names_and_texts_people_write_are_accepted(stack: Stack, room: str) -> None:
+    """The refusals above spare real writing: accents, right-to-left scripts, emoji sequences, a zero-width space
+    between visible words, and emoji newer than the server's Unicode tables."""
+    names = ["Zoë", "مريم", "李小龙", "👨\u200d👩\u200d👧", "❤\ufe0f fan", "O'Brien-Smith"]
+    texts = ["مرحبا بالعالم", "a\u200bb", "shaking face \U0001fae8", "line one\nline two", "א\u200fb"]
+    for n, name in enumerate(names):
+        client = await ChatClient.open(stack.ws_url)
+        welcome = await client.join(name, room)
+        assert welcome["name"] == name
+        answer = await client.say_and_wait(texts[n % len(texts)], ref=f"r{n}")
+        assert answer["type"] == "message", answer
+        await client.close()
+
+
 # ---- cross-site WebSocket hijacking --------------------------------------------------------------------------------
 
 
@@ -187,7 +237,9 @@ async def test_rate_limit_refuses_past_the_burst_and_stores_nothing_refused(stac
 async def test_socket_from_another_origin_is_refused_with_403(stack: Stack, origin: str) -> None:
     with pytest.raises(websockets.InvalidStatus) as refused:
         await websockets.connect(
-            stack.ws_url, additional_headers={"Origin": origin.format(port=stack.http_port)}, open_timeout=15
+            stack.ws_url,
+            additional_headers=forwarded() | {"Origin": origin.format(port=stack.http_port)},
+            open_timeout=15,
         )
     assert refused.value.response.status_code == 403
     assert json.loads(refused.value.response.body or b"{}")["error"] == "forbidden_origin"
@@ -218,6 +270,9 @@ async def test_socket_from_own_origin_or_without_origin_is_allowed(stack: Stack,
         ("/api/rooms/{room}/messages", {"limit": "1e2"}, "invalid_limit"),
         ("/api/rooms/{room}/messages", {"limit": "\u0665"}, "invalid_limit"),  # an Arabic-Indic five
         ("/api/rooms/{room}/messages", {"limit": "9" * 40}, "invalid_limit"),
+        # Past Python's 4,300-digit limit for int(): once a 500 with a traceback in the log.
+        ("/api/rooms/{room}/messages", {"limit": "9" * 5000}, "invalid_limit"),
+        ("/api/rooms/{room}/messages", {"limit": "0" * 5000 + "5"}, "invalid_limit"),
         ("/api/rooms/{room}/messages", {"before": "abc"}, "invalid_before"),
         ("/api/rooms/{room}/messages", {"before": "1-"}, "invalid_before"),
         ("/api/rooms/{room}/messages", {"before": ""}, "invalid_before"),
@@ -233,6 +288,20 @@ def test_http_api_bad_parameters_get_400(stack: Stack, room: str, path: str, par
     response = stack.get(path.format(room=room), params=params)
     assert response.status_code == 400, response.text
     assert response.json()["error"] == code
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/rooms/lobby//messages", "/api/rooms//lobby/messages", "/static//app.js", "/health/", "/ready/"]
+)
+def test_no_response_redirects_to_a_host_the_client_sent(stack: Stack, path: str) -> None:
+    """Doubled or trailing slashes once got a 308 to http://<the request's Host>/..., which a shared cache could keep
+    and serve to others: now they are simply not found, and nothing echoes the Host."""
+    request = f"GET {path} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".encode()
+    response = raw_http(stack.http_port, request)
+    head = response.partition(b"\r\n\r\n")[0].lower()
+    assert head.split(b" ", 2)[1] == b"404", head[:200]
+    assert b"location:" not in head
+    assert b"evil.example" not in response
 
 
 def raw_http(port: int, request: bytes) -> bytes:
@@ -282,7 +351,9 @@ def test_http_odd_requests_never_get_a_server_error(stack: Stack, path: str) -> 
 
 
 def test_nginx_refuses_oversized_bodies_and_headers_itself(stack: Stack) -> None:
-    body = httpx.post(f"{stack.base_url}/api/rooms/lobby/messages", content=b"x" * 20_000, timeout=15)
+    body = httpx.post(
+        f"{stack.base_url}/api/rooms/lobby/messages", content=b"x" * 20_000, timeout=15, headers=forwarded()
+    )
     assert body.status_code == 413
     assert body.headers.get("server") == "nginx"  # nginx's own answer, without a version
 
