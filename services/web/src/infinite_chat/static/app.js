@@ -18,6 +18,10 @@ const BACKOFF_FIRST_MS = 500;
 const BACKOFF_CAP_MS = 5000;
 const WELCOME_TIMEOUT_MS = 15000;
 const CLOSE_SERVICE_RESTART = 1012;
+// A long queue (typed while offline) goes out in batches of the server's burst (RATE_BURST), each once the one before
+// is answered: never a flood of frames, which the server would close with 1008, and no message of a later batch
+// can overtake one of an earlier batch that the rate limit sends back.
+const SEND_AHEAD = 10;
 const NAME_KEY = "infinite-chat.name";
 
 const $ = (id) => document.getElementById(id);
@@ -491,7 +495,7 @@ function onMessage(message) {
   const own = Boolean(message.ref && chat.pending.has(message.ref));
   if (own) {
     dropPending(message.ref);
-    if (chat.oneAtATime) flush();
+    flush();
   }
   if (appendLive([message], { own }) && !own) {
     announce(message);
@@ -561,12 +565,16 @@ function flush() {
   }
   const items = [...chat.pending.values()];
   if (!items.some((item) => item.state === "queued" || item.state === "sent")) chat.oneAtATime = false;
+  let inFlight = items.filter((item) => item.state === "sent").length;
+  if (inFlight > 0 && !chat.oneAtATime) return; // the batch on its way first
   // In order: a message held back by the rate limit is not overtaken by the ones after it. After a rate limit,
   // one at a time, so a long queue does not spend the refilled allowance on frames that are refused anyway.
   for (const item of items) {
     if (chat.oneAtATime && item.state === "sent") return;
     if (item.state !== "queued") continue;
+    if (inFlight >= SEND_AHEAD) return; // the batch's last answer sends the next one
     ws.send(JSON.stringify({ type: "say", text: item.text, ref: item.ref }));
+    inFlight += 1;
     item.state = "sent";
     setNote(item, "Sending…");
     if (chat.oneAtATime) return;
@@ -607,6 +615,12 @@ function pendingError(item, error) {
       item.tries += 1;
       setNote(item, "Not sent, retrying…", "wait");
       pause(Math.min(BACKOFF_CAP_MS, BACKOFF_FIRST_MS * 2 ** item.tries));
+      break;
+    }
+    case "quota_exceeded":
+    case "too_many_rooms": {
+      const minutes = Math.max(1, Math.ceil(Number(error.retry_after_ms || 0) / 60000));
+      fail(item, `${error.detail || "Not sent."} (about ${minutes} min)`);
       break;
     }
     case "too_long":
