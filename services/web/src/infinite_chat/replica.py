@@ -11,6 +11,7 @@ from typing import Any
 
 from . import metrics
 from .addresses import Sockets
+from .allowances import Allowances
 from .broker import Broker, open_broker
 from .config import Settings
 from .connection import CLOSE_RESTART, Connection, Flusher
@@ -27,6 +28,7 @@ class Replica:
         self.draining = False
         self._broker: Broker | None = None
         self._rooms: Rooms | None = None
+        self._allowances: Allowances | None = None
         self.flusher = Flusher(settings.coalesce_ms / 1000)
         self._tasks: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
@@ -43,10 +45,17 @@ class Replica:
             raise RuntimeError("the replica has not started")
         return self._rooms
 
+    @property
+    def allowances(self) -> Allowances:
+        if self._allowances is None:
+            raise RuntimeError("the replica has not started")
+        return self._allowances
+
     async def start(self) -> None:
         # Made here, on the serving loop, never at import: an asyncio Redis client belongs to the loop that made it.
         self._broker = open_broker(self.settings)
         self._rooms = Rooms(self._broker, self.settings)
+        self._allowances = Allowances(self._broker, self.settings.address_bytes_per_hour)
         self._tasks = [
             asyncio.create_task(_forever("fan_out", self._rooms.fan_out)),
             asyncio.create_task(_forever("keep_presence", self._rooms.keep_presence)),

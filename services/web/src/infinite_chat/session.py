@@ -7,6 +7,7 @@ import contextlib
 import logging
 
 from . import metrics
+from .allowances import Allowances
 from .broker import Broker, BrokerUnavailable, Delivery, Online, QuotaRefusal, presence_entry
 from .config import Settings
 from .connection import CLOSE_TRY_AGAIN, Connection, State
@@ -28,7 +29,14 @@ log = logging.getLogger(__name__)
 
 class Session:
     def __init__(
-        self, connection: Connection, rooms: Rooms, broker: Broker, settings: Settings, *, address: str
+        self,
+        connection: Connection,
+        rooms: Rooms,
+        broker: Broker,
+        settings: Settings,
+        *,
+        address: str,
+        allowances: Allowances,
     ) -> None:
         self.connection = connection
         self.rooms = rooms
@@ -36,6 +44,7 @@ class Session:
         self.settings = settings
         # The client's address as addresses.py keys it: what its allowance in Redis is counted against.
         self.address = address
+        self.allowances = allowances
         self.rate = TokenBucket(settings.rate_limit, settings.rate_burst)
         self.present = False
         # Whether this connection's first message would create its room (the log was empty at the join). Other
@@ -125,7 +134,7 @@ class Session:
             return
         body = message_body(connection.room, connection.name, say.text, say.ref)
         try:
-            refusal = await self.broker.charge(self.address, len(body), new_room=self.room_is_new)
+            refusal = await self.allowances.take(self.address, len(body), new_room=self.room_is_new)
             if refusal is not None:
                 self._refuse(_quota_error(refusal, say.ref), retry_after_ms=refusal.retry_after_ms)
                 return

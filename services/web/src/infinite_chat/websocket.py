@@ -98,7 +98,7 @@ class ChatSocketRoute:
             outbox_limit_bytes=settings.outbox_limit_bytes,
             on_overflow=rooms.remove,
         )
-        session = Session(connection, rooms, replica.broker, settings, address=address)
+        session = Session(connection, rooms, replica.broker, settings, address=address, allowances=replica.allowances)
         replica.opened(connection)
         try:
             while True:
