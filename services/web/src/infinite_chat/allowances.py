@@ -44,15 +44,22 @@ class Allowances:
             return None
         amount = max(self.slice, size)
         if await self.broker.charge(address, amount, new_room=False) is None:
-            self._keep(address, _Slice(amount - size, now + SLICE_SECONDS))
+            self._keep(address, amount - size)
             return None
         # Not a whole slice left this hour: perhaps this one message still fits.
         return await self.broker.charge(address, size, new_room=False)
 
-    def _keep(self, address: str, given: _Slice) -> None:
+    def _keep(self, address: str, left: int) -> None:
+        """Adds a new slice's rest to what is held: several messages of one address may have asked for a slice at
+        once, and none of what they got may be lost."""
         slices = self._slices
-        if len(slices) >= TABLE_PRUNE_AT and address not in slices:
-            now = time.monotonic()
-            for stale in [key for key, held in slices.items() if held.until <= now]:
+        now = time.monotonic()
+        held = slices.get(address)
+        if held is not None and held.until > now:
+            held.left += left
+            held.until = now + SLICE_SECONDS
+            return
+        if len(slices) >= TABLE_PRUNE_AT:
+            for stale in [key for key, kept in slices.items() if kept.until <= now]:
                 del slices[stale]
-        slices[address] = given
+        slices[address] = _Slice(left, now + SLICE_SECONDS)
