@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from infinite_chat.broker import message_frame
 from infinite_chat.protocol import (
     NAME_MAX,
     REF_MAX,
@@ -18,6 +17,7 @@ from infinite_chat.protocol import (
     Say,
     error_frame,
     message_body,
+    message_frame,
     parse_client_frame,
     parse_message_id,
     welcome_frame,

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from .broker import BrokerUnavailable
 from .config import Settings
-from .protocol import MESSAGE_ID_PATTERN, ROOM_PATTERN
+from .protocol import MESSAGE_ID_PATTERN, ROOM_PATTERN, HttpError
 from .replica import Replica
 from .websocket import ChatSocketRoute
 
@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     async def static(name: str) -> Response:
         asset = assets.get(name)
         if asset is None:
-            return json_response({"error": "not_found", "detail": "No such file."}, 404)
+            return json_response({"error": HttpError.NOT_FOUND, "detail": "No such file."}, 404)
         # URLs carry the file's hash (see _page), so a file may be cached for good.
         return Response(
             asset, content_type=_content_type(name), headers={"Cache-Control": "public, max-age=31536000, immutable"}
@@ -116,27 +116,29 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     @app.get("/ws")
     async def ws_over_http() -> Response:
-        return json_response({"error": "upgrade_required", "detail": "/ws is a WebSocket endpoint."}, 426)
+        return json_response({"error": HttpError.UPGRADE_REQUIRED, "detail": "/ws is a WebSocket endpoint."}, 426)
 
     @app.get("/api/rooms/<room>/messages")
     async def room_messages(room: str) -> Response:
         if not ROOM_PATTERN.fullmatch(room):
-            return _bad_request("invalid_room", "A room name has 1 to 32 of a-z, 0-9, - and _.")
+            return _bad_request(HttpError.INVALID_ROOM, "A room name has 1 to 32 of a-z, 0-9, - and _.")
         raw_limit = request.args.get("limit", str(settings.history_size))
         # Length first: int() of thousands of digits is slow, and past 4,300 Python refuses it with an error.
         if not (
             len(raw_limit) <= 3 and raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= API_LIMIT_MAX
         ):
-            return _bad_request("invalid_limit", f"limit must be a whole number from 1 to {API_LIMIT_MAX}.")
+            return _bad_request(HttpError.INVALID_LIMIT, f"limit must be a whole number from 1 to {API_LIMIT_MAX}.")
         limit = int(raw_limit)
         before = request.args.get("before")
         if before is not None and not MESSAGE_ID_PATTERN.fullmatch(before):
-            return _bad_request("invalid_before", "before must be a message id, as in a message's id field.")
+            return _bad_request(HttpError.INVALID_BEFORE, "before must be a message id, as in a message's id field.")
         try:
             # One more than asked tells whether scrolling further back will find anything.
             found = await replica.broker.recent(room, limit + 1, before)
         except BrokerUnavailable:
-            return json_response({"error": "unavailable", "detail": "History is unavailable for a moment."}, 503)
+            return json_response(
+                {"error": HttpError.UNAVAILABLE, "detail": "History is unavailable for a moment."}, 503
+            )
         messages = found[-limit:]
         return json_response(
             orjson.dumps(
@@ -152,7 +154,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     return app
 
 
-def _bad_request(code: str, detail: str) -> Response:
+def _bad_request(code: HttpError, detail: str) -> Response:
     return json_response({"error": code, "detail": detail}, 400)
 
 

@@ -14,6 +14,8 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .protocol import ErrorCode, HttpError
+
 CONNECTIONS = Gauge("chat_connections", "Open WebSocket connections on this replica.")
 JOINS = Counter("chat_joins", "Successful joins (welcome sent).")
 RESUMES = Counter("chat_resumes", "Joins that resumed from a message id still in the log.")
@@ -22,6 +24,7 @@ MESSAGES_ACCEPTED = Counter("chat_messages_accepted", "Messages stored and publi
 MESSAGES_REFUSED = Counter("chat_messages_refused", "Client frames refused, by error code.", ["code"])
 SLOW_CONSUMERS = Counter("chat_slow_consumers", "Connections closed because their outbox overflowed.")
 SOCKETS_REFUSED = Counter("chat_sockets_refused", "Sockets refused before the upgrade, by reason.", ["reason"])
+SEND_PATHS = Counter("chat_send_path", "Connections by the way their frames are written: direct or asgi.", ["path"])
 FLOODS = Counter("chat_floods", "Connections closed (1008) for sending more frames than allowed.")
 REDIS_ERRORS = Counter("chat_redis_errors", "Redis calls that failed, by kind.", ["kind"])
 REDIS_RECONNECTS = Counter("chat_redis_reconnects", "Times the fan-out subscription was lost and retried.")
@@ -29,18 +32,11 @@ REDIS_RECONNECTS = Counter("chat_redis_reconnects", "Times the fan-out subscript
 # so that a first error shows up in graphs and alerts. Codes not listed here (protocol.md) appear on first use.
 for _kind in ("command", "subscribe"):
     REDIS_ERRORS.labels(_kind)
-for _code in (
-    "bad_json",
-    "invalid_text",
-    "too_long",
-    "not_joined",
-    "rate_limited",
-    "quota_exceeded",
-    "too_many_rooms",
-    "unavailable",
-):
+for _code in ErrorCode:
     MESSAGES_REFUSED.labels(_code)
-SOCKETS_REFUSED.labels("too_many_sockets")
+SOCKETS_REFUSED.labels(HttpError.TOO_MANY_SOCKETS)
+for _path in ("direct", "asgi"):
+    SEND_PATHS.labels(_path)
 
 OUTBOX_MESSAGES = Gauge("chat_outbox_messages", "Objects waiting in all outboxes of this replica.")
 OUTBOX_MAX = Gauge("chat_outbox_max_messages", "Objects waiting in the fullest outbox of this replica.")

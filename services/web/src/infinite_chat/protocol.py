@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum, StrEnum
 
 import orjson
 
@@ -30,10 +32,57 @@ MESSAGE_ID_PATTERN = re.compile(r"([0-9]{1,19})-([0-9]{1,19})")
 FRAME_SEPARATOR = b"\n"
 
 
+class ErrorCode(StrEnum):
+    """The `code` of an `error` object: every one the server sends, defined here once (docs/protocol.md's table is
+    checked against this list)."""
+
+    BAD_JSON = "bad_json"
+    UNKNOWN_TYPE = "unknown_type"
+    NOT_JOINED = "not_joined"
+    ALREADY_JOINED = "already_joined"
+    INVALID_NAME = "invalid_name"
+    INVALID_ROOM = "invalid_room"
+    INVALID_SINCE = "invalid_since"
+    INVALID_TEXT = "invalid_text"
+    TOO_LONG = "too_long"
+    INVALID_REF = "invalid_ref"
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    TOO_MANY_ROOMS = "too_many_rooms"
+    UNAVAILABLE = "unavailable"
+
+
+class CloseCode(IntEnum):
+    """The WebSocket close codes the server sends (docs/protocol.md); 1006 is no close frame at all."""
+
+    PROTOCOL_ERROR = 1002  # a frame that breaks RFC 6455 (wsproto's)
+    INVALID_DATA = 1007  # a text frame that is not UTF-8 (wsproto's)
+    TOO_MANY_FRAMES = 1008
+    TOO_BIG = 1009
+    RESTARTING = 1012
+    TRY_AGAIN = 1013
+
+
+class HttpError(StrEnum):
+    """The `error` of an HTTP answer that is not a success: the API's, and a socket refused before it opens."""
+
+    INVALID_ROOM = "invalid_room"
+    INVALID_LIMIT = "invalid_limit"
+    INVALID_BEFORE = "invalid_before"
+    UNAVAILABLE = "unavailable"
+    NOT_FOUND = "not_found"
+    UPGRADE_REQUIRED = "upgrade_required"
+    FORBIDDEN_ORIGIN = "forbidden_origin"
+    DRAINING = "draining"
+    TOO_MANY_SOCKETS = "too_many_sockets"
+    # nginx's own, past its per-address limits (services/nginx/nginx.conf).
+    TOO_MANY_REQUESTS = "too_many_requests"
+
+
 class ProtocolError(Exception):
     """A client frame the server refuses; becomes an `error` frame and the connection stays usable."""
 
-    def __init__(self, code: str, detail: str, ref: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, detail: str, ref: str | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
@@ -66,57 +115,57 @@ def parse_message_id(raw: str) -> MessageId | None:
 
 def parse_client_frame(data: str | bytes) -> Join | Say:
     if isinstance(data, bytes):
-        raise ProtocolError("bad_json", "Send text frames holding one JSON object; binary frames are not used.")
+        raise ProtocolError(ErrorCode.BAD_JSON, "Send text frames holding one JSON object; binary frames are not used.")
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise ProtocolError("bad_json", "That frame is not valid JSON.") from None
+        raise ProtocolError(ErrorCode.BAD_JSON, "That frame is not valid JSON.") from None
     if not isinstance(obj, dict):
-        raise ProtocolError("bad_json", 'A frame must be one JSON object, like {"type": "say", ...}.')
+        raise ProtocolError(ErrorCode.BAD_JSON, 'A frame must be one JSON object, like {"type": "say", ...}.')
     kind = obj.get("type")
     if kind == "say":
         return _parse_say(obj)
     if kind == "join":
         return _parse_join(obj)
-    raise ProtocolError("unknown_type", 'The "type" must be "join" or "say".', _ref_if_valid(obj))
+    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, 'The "type" must be "join" or "say".', _ref_if_valid(obj))
 
 
 def _parse_join(obj: dict[str, object]) -> Join:
     name = obj.get("name")
     if not isinstance(name, str):
-        raise ProtocolError("invalid_name", "Pick a name: 1 to 32 characters.")
+        raise ProtocolError(ErrorCode.INVALID_NAME, "Pick a name: 1 to 32 characters.")
     name = name.strip()
     if not name or len(name) > NAME_MAX:
-        raise ProtocolError("invalid_name", f"A name has 1 to {NAME_MAX} characters.")
+        raise ProtocolError(ErrorCode.INVALID_NAME, f"A name has 1 to {NAME_MAX} characters.")
     problem = name_problem(name)
     if problem is not None:
-        raise ProtocolError("invalid_name", problem)
+        raise ProtocolError(ErrorCode.INVALID_NAME, problem)
     room = obj.get("room", DEFAULT_ROOM)
     if room is None:
         room = DEFAULT_ROOM
     if not isinstance(room, str) or not ROOM_PATTERN.fullmatch(room):
-        raise ProtocolError("invalid_room", "A room name has 1 to 32 of a-z, 0-9, - and _.")
+        raise ProtocolError(ErrorCode.INVALID_ROOM, "A room name has 1 to 32 of a-z, 0-9, - and _.")
     since = obj.get("since")
     if since is not None and not isinstance(since, str):
-        raise ProtocolError("invalid_since", '"since" must be the id of a message, as a string.')
+        raise ProtocolError(ErrorCode.INVALID_SINCE, '"since" must be the id of a message, as a string.')
     return Join(name=name, room=room, since=since or None)
 
 
 def _parse_say(obj: dict[str, object]) -> Say:
     ref = obj.get("ref")
     if ref is not None and not (isinstance(ref, str) and len(ref) <= REF_MAX):
-        raise ProtocolError("invalid_ref", f'"ref" must be a string of at most {REF_MAX} characters.')
+        raise ProtocolError(ErrorCode.INVALID_REF, f'"ref" must be a string of at most {REF_MAX} characters.')
     text = obj.get("text")
     if not isinstance(text, str):
-        raise ProtocolError("invalid_text", "A message needs some text.", ref)
+        raise ProtocolError(ErrorCode.INVALID_TEXT, "A message needs some text.", ref)
     text = text.strip()
     if not text:
-        raise ProtocolError("invalid_text", "A message needs some text.", ref)
+        raise ProtocolError(ErrorCode.INVALID_TEXT, "A message needs some text.", ref)
     if len(text) > TEXT_MAX:
-        raise ProtocolError("too_long", f"A message has at most {TEXT_MAX} characters.", ref)
+        raise ProtocolError(ErrorCode.TOO_LONG, f"A message has at most {TEXT_MAX} characters.", ref)
     problem = text_problem(text)
     if problem is not None:
-        raise ProtocolError("invalid_text", problem, ref)
+        raise ProtocolError(ErrorCode.INVALID_TEXT, problem, ref)
     return Say(text=text, ref=ref)
 
 
@@ -125,8 +174,8 @@ def _ref_if_valid(obj: dict[str, object]) -> str | None:
     return ref if isinstance(ref, str) and len(ref) <= REF_MAX else None
 
 
-# Server frames. Messages and presence events are built once, where they are published (broker), and reach
-# every recipient as the same string; the frames below are the per-connection ones.
+# Server frames: the one place where each is built. A message or presence event is built once per replica, as it
+# arrives from Redis, and reaches every recipient there as the same bytes.
 
 
 def message_body(room: str, name: str, text: str, ref: str | None) -> bytes:
@@ -138,6 +187,21 @@ def message_body(room: str, name: str, text: str, ref: str | None) -> bytes:
     if ref is not None:
         fields["ref"] = ref
     return orjson.dumps(fields)[1:]
+
+
+def message_frame(message_id: str, body: bytes) -> bytes:
+    """A message object from its log id and its stored body (`message_body`); its time is the id's, i.e. Redis's
+    clock at acceptance. Written by hand: the body is already JSON, spliced in as it is."""
+    millis = int(message_id.partition("-")[0])
+    seconds, millis = divmod(millis, 1000)
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f'{{"type":"message","id":"{message_id}","ts":"{ts}.{millis:03d}Z",'.encode() + body
+
+
+def presence_frame(event: str, name: str, online: Sequence[str], online_count: int) -> bytes:
+    return orjson.dumps(
+        {"type": "presence", "event": event, "name": name, "online": list(online), "online_count": online_count}
+    )
 
 
 def welcome_frame(
