@@ -1,7 +1,8 @@
 -- Who is online in one room. A sorted set of "<connection id>|<name>", each scored with the time (Redis's own
 -- clock, so the replicas' clocks do not matter) after which it counts as gone unless its replica renews it.
 -- A name is online while any of its connections is. A change (a name comes online or goes) is published through
--- the same channel as messages, at most once per room per interval: a change within the interval after the last
+-- the same channel as messages (as "<room>\n\n<event>\n<name>\n<count>\n<names as a JSON list>"; names hold no
+-- newline), at most once per room per interval: a change within the interval after the last
 -- event waits, and the event that ends the wait carries the state after every change meanwhile, with the last
 -- change as its event and name. So a burst of joins and leaves costs the room one event per interval.
 -- KEYS[1]  the room's presence set
@@ -94,8 +95,9 @@ if state[2] == '1' then
   local at = tonumber(state[1] or '') or 0
   if now - at >= interval then
     local names, count = online()
-    redis.call('PUBLISH', channel, room .. '\n\n' .. '{"type":"presence","event":"' .. state[3] .. '","name":'
-      .. cjson.encode(state[4]) .. ',"online":' .. encode_names(names) .. ',"online_count":' .. count .. '}')
+    -- The fields, not the frame: each replica builds the presence object (protocol.py) as it hears this.
+    redis.call('PUBLISH', channel, room .. '\n\n' .. state[3] .. '\n' .. state[4] .. '\n' .. count .. '\n'
+      .. encode_names(names))
     redis.call('HSET', events, 'at', now, 'due', '0')
   else
     wait = at + interval - now

@@ -1,0 +1,177 @@
+"""What a replica needs from the state the replicas share, as three small interfaces and the types they speak in:
+the rooms' logs and the fan-out (`Log`), who is online (`Presence`), and what each client address may still add
+(`Quotas`). `Broker` is all three; `RedisBroker` (redis.py) and `MemoryBroker` (memory.py) are its two kinds, held
+to one contract (tests/system/test_broker_contract.py). Every method raises BrokerUnavailable when it cannot
+answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from ..config import Settings
+from ..protocol import ErrorCode, MessageId, message_frame, parse_message_id
+
+# Entries read from a log per round trip: a bounded reply (at most about 900 KB of the largest messages) however
+# far a reader is behind, so that no read makes Redis hold a large output buffer.
+LOG_PAGE = 100
+# The window over which an address's allowance of bytes and new rooms refills.
+QUOTA_WINDOW_MS = 3_600_000
+
+
+class BrokerUnavailable(Exception):
+    """Redis could not be reached or did not answer in time: nothing was stored, the caller may retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One object for the clients of a room: a message (with its id) or a presence event (id None).
+
+    It is built once per replica and the same instance sits in every recipient's outbox.
+    """
+
+    room: str
+    id: MessageId | None
+    frame: bytes  # UTF-8 JSON, encoded once
+
+
+@dataclass(frozen=True, slots=True)
+class Online:
+    names: list[str]
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogRead:
+    """Messages after a position in a room's log, read within a bound."""
+
+    deliveries: list[Delivery]
+    # The position is in the retained log (always, when reading from the start): else nothing was read.
+    found: bool
+    # Every retained message after the position is in `deliveries`; False when the bound was reached first.
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRefusal:
+    """Why an address may not add a message now, and when it may again."""
+
+    code: ErrorCode  # QUOTA_EXCEEDED (bytes) or TOO_MANY_ROOMS
+    retry_after_ms: int
+
+
+def message_delivery(room: str, message_id: str | bytes, body: bytes) -> Delivery:
+    if isinstance(message_id, bytes):
+        message_id = message_id.decode()
+    return Delivery(room, parse_message_id(message_id), message_frame(message_id, body))
+
+
+def presence_entry(connection_id: str, name: str) -> str:
+    return f"{connection_id}|{name}"
+
+
+OnSubscribed = Callable[[], Awaitable[None]]
+
+
+class Log(ABC):
+    """Each room's log, and the fan-out of what is appended to it."""
+
+    @abstractmethod
+    async def append(self, room: str, body: bytes) -> str:
+        """Stores a message and publishes it, in one atomic step; returns its id."""
+
+    @abstractmethod
+    async def recent(self, room: str, limit: int, before: str | None = None) -> list[Delivery]:
+        """Up to `limit` messages older than `before` (or the newest), oldest first."""
+
+    @abstractmethod
+    async def read_after(self, room: str, position: MessageId | None, *, max_messages: int, max_bytes: int) -> LogRead:
+        """The messages after the one with id `position` (from the start for None), oldest first, at most
+        `max_messages` of them and `max_bytes` of frames. Read in pages of LOG_PAGE, each checking first that the
+        position it continues from is still in the log, so nothing is read after an id that is not there."""
+
+    @abstractmethod
+    def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
+        """Everything published (messages and presence events), in order, forever. After each (re)subscription and
+        before the next delivery it awaits `on_subscribed`, which is where a replica fetches what it missed."""
+
+
+class Presence(ABC):
+    """Who is online in each room, by connection entry ("<connection id>|<name>"); a name is online while any of
+    its entries is. Changes are published as presence events, at most one per room per PRESENCE_INTERVAL_MS: the
+    first at once, the rest coalesced into one carrying the state after them all."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._presence_timers: dict[str, asyncio.TimerHandle] = {}
+        self._presence_flushes: set[asyncio.Task[None]] = set()
+
+    async def join(self, room: str, entry: str) -> Online:
+        return await self._presence("join", room, [entry])
+
+    async def leave(self, room: str, entry: str) -> None:
+        await self._presence("leave", room, [entry])
+
+    async def refresh(self, room: str, entries: Sequence[str]) -> None:
+        """Renews these connections' presence, and lets names whose replica died leave."""
+        await self._presence("refresh", room, entries)
+
+    @abstractmethod
+    async def _presence_call(self, action: str, room: str, entries: Sequence[str]) -> tuple[Online, int]:
+        """One change of presence (or "flush"): the room's names after it, and the milliseconds until a change
+        that had to wait for the room's presence interval is due to be published (0 when none waits)."""
+
+    async def _presence(self, action: str, room: str, entries: Sequence[str]) -> Online:
+        online, wait_ms = await self._presence_call(action, room, entries)
+        if wait_ms > 0:
+            self._flush_presence_later(room, wait_ms)
+        return online
+
+    def _flush_presence_later(self, room: str, wait_ms: int) -> None:
+        """Coalesced changes are published by whichever replica asks first once they are due; this one asks when
+        its own change is. If it dies first, the next renewal in the room (any replica's) publishes them."""
+        timers = self._presence_timers
+        if room in timers:
+            return
+        loop = asyncio.get_running_loop()
+        timers[room] = loop.call_later(wait_ms / 1000, self._flush_presence_now, room)
+
+    def _flush_presence_now(self, room: str) -> None:
+        self._presence_timers.pop(room, None)
+        task = asyncio.get_running_loop().create_task(self._flush_presence(room))
+        self._presence_flushes.add(task)
+        task.add_done_callback(self._presence_flushes.discard)
+
+    async def _flush_presence(self, room: str) -> None:
+        with contextlib.suppress(BrokerUnavailable):
+            await self._presence("flush", room, [])
+
+    def _stop_presence_flushes(self) -> None:
+        for timer in self._presence_timers.values():
+            timer.cancel()
+        self._presence_timers.clear()
+        for task in self._presence_flushes:
+            task.cancel()
+
+
+class Quotas(ABC):
+    """Each client address's hourly allowance of bytes and new rooms, shared by every replica."""
+
+    @abstractmethod
+    async def charge(self, address: str, size: int, *, new_room: bool) -> QuotaRefusal | None:
+        """Takes `size` bytes (and a room, when the message creates one) from the address's allowance; a refusal
+        takes nothing."""
+
+
+class Broker(Log, Presence, Quotas):
+    """The shared state as one replica sees it."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ping(self) -> None: ...

@@ -1,0 +1,349 @@
+"""One contract for both brokers: every test here runs against the in-memory twin (MemoryBroker) and against a real
+Redis (RedisBroker, the project's own image through testcontainers), so that the twin the unit tests use cannot
+drift from what the Lua scripts do. What only Redis has (subscriptions lost and found, restarts, trimming by stream
+node, eviction) is in test_redis_broker.py.
+
+For Redis, each call of `brokers()` is a broker of its own, as each replica has; the twin has no Redis to share, so
+there it is one broker for the test, which is what one replica alone sees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from infinite_chat.broker import Broker, Delivery, LogRead, MemoryBroker, RedisBroker, open_broker, presence_entry
+from infinite_chat.config import Secret, Settings
+from infinite_chat.protocol import message_body, message_frame, parse_message_id
+from support.chat import eventually, eventually_async
+from support.redis_server import RedisServer, redis_image_built, started_redis
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with redis_image_built() as image, started_redis(image) as server:
+        yield server
+
+
+class Brokers:
+    """Makes the brokers of one test, of one kind."""
+
+    def __init__(self, kind: str, server: RedisServer | None) -> None:
+        self.kind = kind
+        self.server = server
+        self.made: list[Broker] = []
+
+    def __call__(self, **settings: Any) -> Broker:
+        if self.kind == "memory":
+            if not self.made:
+                self.made.append(MemoryBroker(Settings(replica_name="contract", **settings)))
+            wanted = Settings(replica_name="contract", **settings)
+            assert repr(self.made[0].settings) == repr(wanted), (
+                "the twin is one broker: give each call the same settings"
+            )
+            return self.made[0]
+        assert self.server is not None
+        made = RedisBroker(
+            Settings(
+                replica_name="contract",
+                redis_url=self.server.url,
+                redis_password=Secret(self.server.password),
+                **settings,
+            )
+        )
+        self.made.append(made)
+        return made
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[Brokers]:
+    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    factory = Brokers(request.param, server)
+    yield factory
+    for made in factory.made:
+        await made.close()
+
+
+@pytest.fixture
+def room() -> str:
+    return f"c-{secrets.token_hex(6)}"
+
+
+class Listener:
+    """Runs a broker's `listen` as a replica's fan-out does, keeping what it yields."""
+
+    def __init__(self, chat: Broker) -> None:
+        self.got: list[Delivery] = []
+        self.subscriptions = 0
+        self._task = asyncio.create_task(self._run(chat))
+
+    async def _on_subscribed(self) -> None:
+        self.subscriptions += 1
+
+    async def _run(self, chat: Broker) -> None:
+        async for delivery in chat.listen(self._on_subscribed):
+            self.got.append(delivery)
+
+    async def ready(self) -> Listener:
+        await eventually(lambda: self.subscriptions > 0, timeout=10, what="the subscription")
+        return self
+
+    def objects(self, room: str) -> list[dict[str, Any]]:
+        return [json.loads(d.frame) for d in self.got if d.room == room]
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self._task
+
+
+async def say(chat: Broker, room: str, text: str) -> str:
+    return await chat.append(room, message_body(room, "alice", text, None))
+
+
+async def read(chat: Broker, room: str, position: str | None, **bounds: int) -> LogRead:
+    limits = {"max_messages": 1000, "max_bytes": 1 << 20} | bounds
+    return await chat.read_after(room, None if position is None else parse_message_id(position), **limits)
+
+
+def texts(deliveries: list[Delivery]) -> list[str]:
+    return [json.loads(delivery.frame)["text"] for delivery in deliveries]
+
+
+def address() -> str:
+    return f"198.18.{secrets.randbelow(255)}.{secrets.randbelow(255)}"
+
+
+# ---- the log ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_replica_gets_redis_with_a_url_and_the_twin_without() -> None:
+    assert isinstance(open_broker(Settings(replica_name="t")), MemoryBroker)
+    assert isinstance(open_broker(Settings(replica_name="t", redis_url="redis://127.0.0.1:1/0")), RedisBroker)
+
+
+async def test_ids_grow_strictly_even_within_one_millisecond(brokers: Brokers, room: str) -> None:
+    chat = brokers()
+    ids = [await say(chat, room, f"m{n}") for n in range(50)]
+    parsed = [parse_message_id(message_id) for message_id in ids]
+    assert None not in parsed
+    assert parsed == sorted(set(parsed))  # type: ignore[type-var]
+
+
+async def test_a_stored_message_reads_back_as_the_object_clients_get(brokers: Brokers, room: str) -> None:
+    chat = brokers()
+    body = message_body(room, "alice", "hi", "c-1")
+    message_id = await chat.append(room, body)
+    [delivery] = await chat.recent(room, 25)
+    assert delivery.frame == message_frame(message_id, body)
+    assert delivery.id == parse_message_id(message_id)
+    assert delivery.room == room
+    obj = json.loads(delivery.frame)
+    assert obj == {
+        "type": "message",
+        "id": message_id,
+        "ts": obj["ts"],
+        "room": room,
+        "name": "alice",
+        "text": "hi",
+        "ref": "c-1",
+    }
+
+
+async def test_recent_is_the_newest_oldest_first_and_pages_back_with_before(brokers: Brokers, room: str) -> None:
+    chat = brokers()
+    ids = [await say(chat, room, f"m{n}") for n in range(10)]
+    assert texts(await chat.recent(room, 3)) == ["m7", "m8", "m9"]
+    assert texts(await chat.recent(room, 3, before=ids[7])) == ["m4", "m5", "m6"]
+    assert texts(await chat.recent(room, 3, before=ids[1])) == ["m0"]
+    assert await chat.recent(room, 3, before=ids[0]) == []
+    assert await chat.recent(room, 3, before="0-0") == []
+    assert await chat.recent(f"{room}-elsewhere", 3) == []
+
+
+async def test_read_after_gives_what_follows_a_retained_id_and_nothing_for_an_unknown_one(
+    brokers: Brokers, room: str
+) -> None:
+    chat = brokers()
+    ids = [await say(chat, room, f"m{n}") for n in range(10)]
+    after = await read(chat, room, ids[6])
+    assert (texts(after.deliveries), after.found, after.complete) == (["m7", "m8", "m9"], True, True)
+    assert await read(chat, room, ids[9]) == LogRead([], found=True, complete=True)
+    assert await read(chat, room, "1-0") == LogRead([], found=False, complete=False)
+    assert await read(chat, room, f"{ids[4].split('-')[0]}-999") == LogRead([], found=False, complete=False)
+    # An id of another room's log is unknown here.
+    assert await read(chat, f"{room}-other", ids[3]) == LogRead([], found=False, complete=False)
+    assert texts((await read(chat, room, None)).deliveries) == [f"m{n}" for n in range(10)]
+
+
+async def test_a_read_stops_at_its_bounds_in_messages_and_bytes_across_pages(brokers: Brokers, room: str) -> None:
+    chat = brokers()
+    ids = [await say(chat, room, f"{n:03d}") for n in range(250)]  # more than one page (LOG_PAGE is 100)
+    everything = await read(chat, room, ids[0])
+    assert (len(everything.deliveries), everything.complete) == (249, True)
+    assert [d.id for d in everything.deliveries] == [parse_message_id(i) for i in ids[1:]]
+    by_count = await read(chat, room, ids[0], max_messages=150)
+    assert (len(by_count.deliveries), by_count.complete) == (150, False)
+    exactly = await read(chat, room, ids[99], max_messages=150)
+    assert (len(exactly.deliveries), exactly.complete) == (150, True)
+    # Frames differ by a few bytes (ids have more or fewer digits): the bound falls inside the 121st.
+    first_120 = sum(len(d.frame) for d in everything.deliveries[:120])
+    by_bytes = await read(chat, room, ids[0], max_bytes=first_120 + 10)
+    assert (len(by_bytes.deliveries), by_bytes.complete) == (120, False)
+
+
+async def test_the_log_keeps_at_least_retain_messages_and_older_ids_become_unknown(brokers: Brokers, room: str) -> None:
+    chat = brokers(retain=100)
+    ids = [await say(chat, room, f"m{n}") for n in range(400)]
+    assert not (await read(chat, room, ids[0])).found
+    assert texts((await read(chat, room, ids[-3])).deliveries) == ["m398", "m399"]
+    kept = (await read(chat, room, None)).deliveries
+    assert 100 <= len(kept) < 400  # Redis trims whole stream nodes (MAXLEN ~): at least RETAIN stay
+    assert texts(kept)[-1] == "m399"
+
+
+async def test_listeners_hear_every_append_in_log_order(brokers: Brokers, room: str) -> None:
+    first, second, hearing = brokers(), brokers(), brokers()
+    listener = await Listener(hearing).ready()
+    sent = await asyncio.gather(
+        *(say(first, room, f"a{n}") for n in range(40)), *(say(second, room, f"b{n}") for n in range(40))
+    )
+    stored = (await read(first, room, None)).deliveries
+    assert {d.id for d in stored} == {parse_message_id(message_id) for message_id in sent}
+    await eventually(lambda: len(listener.objects(room)) == 80, timeout=10, what="all 80 published")
+    heard = [d for d in listener.got if d.room == room]
+    # Published in the order of the log, and the same objects the log gives back.
+    assert [d.frame for d in heard] == [d.frame for d in stored]
+    await listener.stop()
+
+
+# ---- presence --------------------------------------------------------------------------------------------------------
+
+
+async def test_presence_is_by_name_sorted_capped_and_announced_when_it_changes(brokers: Brokers, room: str) -> None:
+    chat = brokers(presence_list_max=2, presence_interval_ms=0)
+    listener = await Listener(brokers(presence_list_max=2, presence_interval_ms=0)).ready()
+    assert (await chat.join(room, presence_entry("c1", "carol"))).names == ["carol"]
+    await chat.join(room, presence_entry("c2", "alice"))
+    await chat.join(room, presence_entry("c3", "alice"))  # a second tab: alice is online already
+    online = await chat.join(room, presence_entry("c4", "Zoë 🚀"))
+    assert (online.names, online.count) == (["Zoë 🚀", "alice"], 3)  # by code point: "Z" before "a"
+    await chat.leave(room, presence_entry("c2", "alice"))  # alice is still online in her other tab
+    await chat.leave(room, presence_entry("c3", "alice"))
+    await chat.leave(room, presence_entry("c3", "alice"))  # twice: nothing more
+    await eventually(lambda: len(listener.objects(room)) >= 4, timeout=10, what="presence events")
+    assert listener.objects(room) == [
+        {"type": "presence", "event": "join", "name": "carol", "online": ["carol"], "online_count": 1},
+        {"type": "presence", "event": "join", "name": "alice", "online": ["alice", "carol"], "online_count": 2},
+        {"type": "presence", "event": "join", "name": "Zoë 🚀", "online": ["Zoë 🚀", "alice"], "online_count": 3},
+        {"type": "presence", "event": "leave", "name": "alice", "online": ["Zoë 🚀", "carol"], "online_count": 2},
+    ]
+    assert all(d.id is None and d.room == room for d in listener.got if d.room == room)
+    await listener.stop()
+
+
+async def test_an_empty_room_has_an_empty_list_not_an_object(brokers: Brokers, room: str) -> None:
+    chat = brokers(presence_interval_ms=0)
+    listener = await Listener(brokers(presence_interval_ms=0)).ready()
+    await chat.join(room, presence_entry("c1", "alice"))
+    await chat.leave(room, presence_entry("c1", "alice"))
+    await eventually(lambda: len(listener.objects(room)) == 2, timeout=10, what="join and leave")
+    assert listener.objects(room)[1]["online"] == []
+    await listener.stop()
+
+
+async def test_entries_not_renewed_expire_and_a_renewal_brings_them_back(brokers: Brokers, room: str) -> None:
+    chat = brokers(presence_ttl=1.0, presence_interval_ms=0)
+    listener = await Listener(brokers(presence_ttl=1.0, presence_interval_ms=0)).ready()
+    await chat.join(room, presence_entry("c1", "alice"))
+    await chat.join(room, presence_entry("c2", "bob"))
+    joined_at = time.monotonic()
+
+    def left() -> list[dict[str, Any]]:
+        return [o for o in listener.objects(room) if o["event"] == "leave"]
+
+    async def bob_renewed_and_alice_gone() -> bool:
+        # What bob's replica does every PRESENCE_TTL / 4; alice's replica died and renews nothing.
+        await chat.refresh(room, [presence_entry("c2", "bob")])
+        await asyncio.sleep(0.05)  # the event, if any, travels through pub/sub
+        return bool(left())
+
+    await eventually_async(bob_renewed_and_alice_gone, timeout=10, what="alice's entry expiring", interval=0.2)
+    assert time.monotonic() - joined_at >= 0.9  # not before her time to live
+    assert left() == [{"type": "presence", "event": "leave", "name": "alice", "online": ["bob"], "online_count": 1}]
+    # Her replica was only cut off from Redis: its next renewal brings her back.
+    await chat.refresh(room, [presence_entry("c1", "alice"), presence_entry("c2", "bob")])
+    await eventually(lambda: listener.objects(room)[-1]["event"] == "join", timeout=10, what="alice back")
+    assert listener.objects(room)[-1]["online"] == ["alice", "bob"]
+    await listener.stop()
+
+
+async def test_a_burst_of_presence_changes_is_one_event_per_interval(brokers: Brokers, room: str) -> None:
+    chat = brokers(presence_interval_ms=500)
+    listener = await Listener(brokers(presence_interval_ms=500)).ready()
+    await chat.join(room, presence_entry("c1", "alice"))
+    started = time.monotonic()
+    for n in range(30):
+        await chat.join(room, presence_entry(f"x{n}", f"churn-{n}"))
+        await chat.leave(room, presence_entry(f"x{n}", f"churn-{n}"))
+    await chat.join(room, presence_entry("c2", "bob"))
+    # The first change at once, then one event carrying the state after the rest, when the interval is over.
+    await eventually(lambda: len(listener.objects(room)) >= 2, timeout=10, what="the coalesced event")
+    assert time.monotonic() - started >= 0.4
+    events = listener.objects(room)
+    assert len(events) == 2
+    assert (events[0]["event"], events[0]["name"]) == ("join", "alice")
+    assert events[1] == {
+        "type": "presence",
+        "event": "join",
+        "name": "bob",
+        "online": ["alice", "bob"],
+        "online_count": 2,
+    }
+    await listener.stop()
+
+
+async def test_a_waiting_change_is_published_by_the_next_call_once_due(brokers: Brokers, room: str) -> None:
+    """If the replica that was to publish a waiting change is gone, any later presence call in the room does."""
+    chat = brokers(presence_interval_ms=300)
+    listener = await Listener(brokers(presence_interval_ms=300)).ready()
+    await chat.join(room, presence_entry("c1", "alice"))
+    await chat.join(room, presence_entry("c2", "bob"))
+    chat._stop_presence_flushes()  # as if this replica were gone
+    await asyncio.sleep(0.4)  # past the interval, with nobody to publish
+    assert len(listener.objects(room)) == 1
+    await chat.refresh(room, [presence_entry("c1", "alice")])
+    await eventually(lambda: len(listener.objects(room)) == 2, timeout=10, what="the waiting change")
+    assert listener.objects(room)[-1]["online"] == ["alice", "bob"]
+    await listener.stop()
+
+
+# ---- allowances ------------------------------------------------------------------------------------------------------
+
+
+async def test_an_address_allowance_refuses_past_its_bytes_with_the_time_to_wait(brokers: Brokers) -> None:
+    first, second = brokers(address_bytes_per_hour=100_000), brokers(address_bytes_per_hour=100_000)
+    attacker = address()
+    assert await first.charge(attacker, 60_000, new_room=False) is None
+    refusal = await second.charge(attacker, 60_000, new_room=False)  # shared by every replica
+    assert refusal is not None
+    assert refusal.code == "quota_exceeded"
+    assert refusal.retry_after_ms == pytest.approx(720_000, rel=0.02)  # 20,000 bytes at 100,000 an hour
+    assert await second.charge(attacker, 30_000, new_room=False) is None  # what is left is still there
+    assert await first.charge(address(), 60_000, new_room=False) is None  # another address has its own
+
+
+async def test_an_address_may_create_only_so_many_rooms_an_hour(brokers: Brokers) -> None:
+    chat = brokers(address_rooms_per_hour=3)
+    creator = address()
+    for _ in range(3):
+        assert await chat.charge(creator, 100, new_room=True) is None
+    refusal = await chat.charge(creator, 100, new_room=True)
+    assert refusal is not None
+    assert (refusal.code, refusal.retry_after_ms) == ("too_many_rooms", pytest.approx(1_200_000, rel=0.02))
+    assert await chat.charge(creator, 100, new_room=False) is None  # existing rooms are fine
