@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import json
 
 from support.chat import ChatClient, clients_on_each_replica, eventually
 from support.stack import Stack
@@ -72,12 +72,32 @@ def test_only_nginx_publishes_a_port(stack: Stack) -> None:
         assert f'"HostPort":"{stack.http_port}"' in ports
 
 
-def test_redis_is_not_reachable_from_the_host(stack: Stack) -> None:
-    for port in (6379,):
-        with socket.socket() as sock:
-            sock.settimeout(1)
-            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"something answers on 127.0.0.1:{port}"
-    # And its container publishes nothing (above); a client needs the compose network and the password.
+def test_the_project_publishes_nginx_s_port_and_nothing_else(stack: Stack) -> None:
+    """What Compose itself says the project publishes, service by service: Redis and the replicas are reachable only
+    on the Compose network."""
+    rows = [json.loads(line) for line in stack.compose("ps", "--all", "--format", "json").stdout.splitlines() if line]
+    published = {
+        (row["Service"], publisher["TargetPort"], publisher["PublishedPort"], publisher["URL"])
+        for row in rows
+        for publisher in row.get("Publishers") or []
+        if publisher.get("PublishedPort")
+    }
+    assert published == {("nginx", 8080, stack.http_port, "127.0.0.1")}
+    for service, port in (("redis", "6379"), ("web", "8000")):
+        answer = stack.compose("port", service, port, check=False)
+        assert answer.returncode != 0 or not answer.stdout.strip().split(":")[-1].strip("0"), answer.stdout
+
+
+async def test_every_replica_writes_frames_on_the_direct_path(stack: Stack, replicas: list[str], room: str) -> None:
+    """The fast send path leans on Hypercorn's insides; were it to fail, the replicas would fall back to the ASGI
+    send, with half the capacity and nothing else to show for it. Every socket of every replica took the direct path."""
+    clients = await clients_on_each_replica(stack.ws_url, replicas, room=room)
+    for client in clients:
+        await client.close()
+    for container in stack.web_containers():
+        metrics = stack.replica_metrics(container)
+        assert metrics['chat_send_path_total{path="direct"}'] >= 1, container
+        assert metrics['chat_send_path_total{path="asgi"}'] == 0, container
 
 
 def test_web_containers_do_not_run_as_root(stack: Stack) -> None:

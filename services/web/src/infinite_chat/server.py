@@ -12,10 +12,9 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from quart import Quart
 
-from . import logs
+from . import hypercorn_internals, logs
 from .app import create_app
 from .config import ConfigError, Settings
-from .frame_limit import harden_websocket_reading
 from .replica import Replica
 
 
@@ -56,6 +55,10 @@ def main() -> None:
     except ConfigError as error:
         print(f"infinite-chat: configuration error: {error}", file=sys.stderr)
         sys.exit(2)
+    try:
+        hypercorn_internals.install(settings.frame_rate, settings.frame_burst)
+    except hypercorn_internals.InternalsChanged as error:
+        print(f"infinite-chat: refusing to start: {error}", file=sys.stderr)
+        sys.exit(3)
     logs.configure(settings.replica_name, settings.log_level)
-    harden_websocket_reading(settings.frame_rate, settings.frame_burst)
     uvloop.run(serve_until_stopped(create_app(settings), hypercorn_config(settings)))
