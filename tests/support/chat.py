@@ -1,5 +1,6 @@
-"""A protocol v1 client for tests: keeps every object the server sent, in order, and waits for conditions with a
-deadline (never a sleep-and-hope)."""
+"""The protocol v1 client of every test: keeps every object the server sent, in order, and waits for conditions
+with a deadline (never a sleep-and-hope). Over a real WebSocket through nginx (`ChatClient.open`) in the system and
+browser tests, over an in-process ASGI socket (`ChatClient.over(AsgiSocket)`, support/asgi.py) in the unit tests."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import websockets
-from websockets.asyncio.client import ClientConnection
 
 from .addresses import forwarded
 
@@ -37,8 +37,21 @@ async def eventually_async(
         await asyncio.sleep(interval)
 
 
+class Socket(Protocol):
+    """What the client needs of a socket: websockets' client connection, or support.asgi.AsgiSocket."""
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    async def send(self, data: str | bytes) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]: ...
+
+    async def close(self) -> None: ...
+
+
 class ChatClient:
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: Socket) -> None:
         self.ws = ws
         self.objects: list[Obj] = []
         self.frames = 0
@@ -58,6 +71,11 @@ class ChatClient:
             url, additional_headers=headers, compression=None, open_timeout=15, max_size=None, **options
         )
         return cls(ws)
+
+    @classmethod
+    def over(cls, socket: Socket) -> ChatClient:
+        """A client on a socket opened some other way (support/asgi.py)."""
+        return cls(socket)
 
     async def _read(self) -> None:
         try:
@@ -108,6 +126,15 @@ class ChatClient:
         if ref is not None:
             frame["ref"] = ref
         await self.send(frame)
+
+    async def reply_to(self, frame: Obj | str | bytes, timeout: float = 10) -> Obj:
+        """Sends a frame and returns the server's answer to it: a welcome, an error, or an object with a ref (not
+        someone else's traffic)."""
+        start = len(self.objects)
+        await (self.send(frame) if isinstance(frame, dict) else self.send_raw(frame))
+        return await self.wait_for(
+            lambda o: o["type"] in ("welcome", "error") or o.get("ref") is not None, timeout=timeout, start=start
+        )
 
     async def say_and_wait(self, text: str, ref: str, timeout: float = 10) -> Obj:
         """Says something and returns the server's reply to it: its own message (accepted) or an error."""

@@ -3,90 +3,40 @@ socket, the HTTP API, health and readiness. The same behaviour through nginx and
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any, cast
 
 import pytest
-from quart.testing import QuartClient, connections
-from quart.testing.connections import WebsocketResponseError
+from quart import Quart
+from quart.testing import QuartClient
 
 from infinite_chat import Settings, create_app
+from support.asgi import AsgiSocket, Refused
+from support.chat import ChatClient
 
 Obj = dict[str, Any]
 TIMEOUT = 2.0
 
 
-class AsgiWebsocket(connections.TestWebsocketConnection):
-    """Quart's test connection, starting with the `websocket.connect` event that ASGI servers (Hypercorn among them)
-    send first and Quart's test client leaves out; the chat socket is served on ASGI directly and waits for it."""
-
-    async def __aenter__(self) -> AsgiWebsocket:
-        await self._send_queue.put({"type": "websocket.connect"})
-        await super().__aenter__()
-        return self
-
-
-class Chat:
-    """One chat socket: keeps every object received, split from frames on newlines."""
-
-    def __init__(self, ws: connections.TestWebsocketConnection) -> None:
-        self.ws = ws
-        self.objects: list[Obj] = []
-        self.close_code: int | None = None
-
-    async def send(self, obj: Obj | str | bytes) -> None:
-        await self.ws.send(obj if isinstance(obj, str | bytes) else json.dumps(obj))
-
-    async def next(self, predicate: Callable[[Obj], bool] = lambda _: True, *, start: int | None = None) -> Obj:
-        """The first object from `start` (default: the next unread one) that matches, waiting for it if need be."""
-        index = len(self.objects) if start is None else start
-        while True:
-            while index < len(self.objects):
-                obj = self.objects[index]
-                index += 1
-                if predicate(obj):
-                    return obj
-            frame = await asyncio.wait_for(self.ws.receive(), TIMEOUT)
-            text = frame if isinstance(frame, str) else frame.decode()
-            self.objects.extend(json.loads(line) for line in text.split("\n"))
-
-    async def reply_to(self, obj: Obj | str | bytes) -> Obj:
-        """Sends a frame and returns the first object after it that is not someone else's traffic."""
-        start = len(self.objects)
-        await self.send(obj)
-        return await self.next(lambda o: o["type"] in ("welcome", "error") or o.get("ref") is not None, start=start)
-
-    async def join(self, name: str, room: str = "lobby", since: str | None = None) -> Obj:
-        frame: Obj = {"type": "join", "name": name, "room": room}
-        if since is not None:
-            frame["since"] = since
-        welcome = await self.reply_to(frame)
-        assert welcome["type"] == "welcome", welcome
-        return welcome
-
-    async def say(self, text: str, ref: str) -> Obj:
-        """Says something and returns the server's answer to it: its own message, or an error."""
-        start = len(self.objects)
-        await self.send({"type": "say", "text": text, "ref": ref})
-        return await self.next(lambda o: o.get("ref") == ref, start=start)
-
-    def messages(self) -> list[Obj]:
-        history = [m for obj in self.objects if obj["type"] == "welcome" for m in obj["history"]]
-        return history + [obj for obj in self.objects if obj["type"] == "message"]
-
-
 class Replica:
-    def __init__(self, client: QuartClient, exits: AsyncExitStack) -> None:
+    """One replica in this process: its HTTP routes through Quart's test client, its chat socket over ASGI."""
+
+    def __init__(self, app: Quart, client: QuartClient, exits: AsyncExitStack) -> None:
+        self.app = app
         self.client = client
         self.exits = exits
 
-    async def chat(self, headers: dict[str, str] | None = None) -> Chat:
-        connection = cast(AsgiWebsocket, self.client.websocket("/ws", headers=headers))
-        # Quart types its __aexit__ narrower than a context manager's (no None arguments); it works as one.
-        return Chat(await self.exits.enter_async_context(connection))  # type: ignore[arg-type]
+    async def chat(self, headers: dict[str, str] | None = None) -> ChatClient:
+        chat = ChatClient.over(await AsgiSocket.open(self.app, headers=headers))  # type: ignore[arg-type]
+        self.exits.push_async_callback(_close, chat)
+        return chat
+
+
+async def _close(chat: ChatClient) -> None:
+    if not chat.closed:
+        await chat.close()
 
 
 SETTINGS = Settings(replica_name="unit-a", history_size=5, rate_limit=5.0, rate_burst=10)
@@ -96,9 +46,7 @@ SETTINGS = Settings(replica_name="unit-a", history_size=5, rate_limit=5.0, rate_
 async def replica() -> AsyncIterator[Replica]:
     app = create_app(SETTINGS)
     async with app.test_app() as test_app, AsyncExitStack() as exits:
-        client = cast(QuartClient, test_app.test_client())
-        client.websocket_connection_class = AsgiWebsocket
-        yield Replica(client, exits)
+        yield Replica(app, cast(QuartClient, test_app.test_client()), exits)
 
 
 async def test_join_gets_a_welcome_with_everything_a_client_needs(replica: Replica) -> None:
@@ -120,12 +68,12 @@ async def test_a_message_reaches_everyone_in_the_room_and_is_the_senders_acknowl
     alice, bob = await replica.chat(), await replica.chat()
     await alice.join("alice")
     await bob.join("bob")
-    echo = await alice.say("  hello\nbob  ", "a-1")
+    echo = await alice.say_and_wait("  hello\nbob  ", "a-1")
     assert echo["type"] == "message"
     assert set(echo) == {"type", "id", "ts", "room", "name", "text", "ref"}
     assert (echo["room"], echo["name"], echo["text"]) == ("lobby", "alice", "hello\nbob")
     assert echo["ts"].endswith("Z")
-    assert await bob.next(lambda o: o["type"] == "message") == echo
+    assert await bob.wait_for(lambda o: o["type"] == "message") == echo
 
 
 async def test_every_client_gets_every_message_once_in_the_same_order(replica: Replica) -> None:
@@ -134,9 +82,9 @@ async def test_every_client_gets_every_message_once_in_the_same_order(replica: R
         await client.join(f"user-{n}")
     for round_ in range(3):
         for n, client in enumerate(clients):
-            assert (await client.say(f"m{round_}-{n}", f"{n}-{round_}"))["type"] == "message"
+            assert (await client.say_and_wait(f"m{round_}-{n}", f"{n}-{round_}"))["type"] == "message"
     for client in clients:
-        await client.next(lambda o: o.get("ref") == "2-2", start=0)
+        await client.wait_for(lambda o: o.get("ref") == "2-2", start=0, timeout=TIMEOUT)
     orders = [[m["id"] for m in client.messages()] for client in clients]
     assert len(orders[0]) == 9
     assert len(set(orders[0])) == 9
@@ -147,7 +95,7 @@ async def test_every_client_gets_every_message_once_in_the_same_order(replica: R
 async def test_a_late_joiner_gets_the_last_history_size_messages_oldest_first(replica: Replica) -> None:
     alice = await replica.chat()
     await alice.join("alice")
-    sent = [await alice.say(f"m{n}", f"r{n}") for n in range(7)]
+    sent = [await alice.say_and_wait(f"m{n}", f"r{n}") for n in range(7)]
     late = await replica.chat()
     welcome = await late.join("late")
     assert welcome["history"] == sent[-5:]  # history_size=5
@@ -159,22 +107,22 @@ async def test_a_client_resuming_with_since_gets_exactly_what_it_missed(replica:
     alice, bob = await replica.chat(), await replica.chat()
     await alice.join("alice")
     await bob.join("bob")
-    first = await alice.say("seen by bob", "a-1")
-    await bob.next(lambda o: o.get("ref") == "a-1")
-    await bob.ws.disconnect()
-    missed = [await alice.say(f"missed {n}", f"a-m{n}") for n in range(3)]
+    first = await alice.say_and_wait("seen by bob", "a-1")
+    await bob.wait_for(lambda o: o.get("ref") == "a-1")
+    await bob.close()
+    missed = [await alice.say_and_wait(f"missed {n}", f"a-m{n}") for n in range(3)]
     back = await replica.chat()
     welcome = await back.join("bob", since=first["id"])
     assert welcome["resumed"] is True
     assert welcome["history"] == missed
-    live = await alice.say("after the return", "a-2")
-    assert await back.next(lambda o: o["type"] == "message") == live
+    live = await alice.say_and_wait("after the return", "a-2")
+    assert await back.wait_for(lambda o: o["type"] == "message") == live
 
 
 async def test_resuming_from_the_newest_message_gets_an_empty_history(replica: Replica) -> None:
     alice = await replica.chat()
     await alice.join("alice")
-    last = await alice.say("the newest", "a-1")
+    last = await alice.say_and_wait("the newest", "a-1")
     again = await replica.chat()
     welcome = await again.join("alice", since=last["id"])
     assert (welcome["resumed"], welcome["history"]) == (True, [])
@@ -184,7 +132,7 @@ async def test_resuming_from_the_newest_message_gets_an_empty_history(replica: R
 async def test_an_unknown_since_gets_the_last_messages_and_resumed_false(replica: Replica, since: str) -> None:
     alice = await replica.chat()
     await alice.join("alice")
-    sent = [await alice.say(f"m{n}", f"r{n}") for n in range(6)]
+    sent = [await alice.say_and_wait(f"m{n}", f"r{n}") for n in range(6)]
     again = await replica.chat()
     welcome = await again.join("alice", since=since)
     assert welcome["resumed"] is False
@@ -196,10 +144,10 @@ async def test_presence_join_and_leave_reach_the_room(replica: Replica) -> None:
     await alice.join("alice")
     welcome = await bob.join("bob")
     assert welcome["online"] == ["alice", "bob"]
-    joined = await alice.next(lambda o: o["type"] == "presence" and o["name"] == "bob")
+    joined = await alice.wait_for(lambda o: o["type"] == "presence" and o["name"] == "bob")
     assert joined == {"type": "presence", "event": "join", "name": "bob", "online": ["alice", "bob"], "online_count": 2}
-    await bob.ws.disconnect()
-    left = await alice.next(lambda o: o["type"] == "presence" and o["event"] == "leave")
+    await bob.close()
+    left = await alice.wait_for(lambda o: o["type"] == "presence" and o["event"] == "leave")
     assert left == {"type": "presence", "event": "leave", "name": "bob", "online": ["alice"], "online_count": 1}
 
 
@@ -207,8 +155,8 @@ async def test_rooms_are_isolated(replica: Replica) -> None:
     alice, bob = await replica.chat(), await replica.chat()
     await alice.join("alice", "room-a")
     await bob.join("bob", "room-b")
-    await alice.say("only for room a", "a-1")
-    marker = await bob.say("only for room b", "b-1")
+    await alice.say_and_wait("only for room a", "a-1")
+    marker = await bob.say_and_wait("only for room b", "b-1")
     assert [m["text"] for m in bob.messages()] == [marker["text"]]
     assert all(obj.get("name") != "alice" for obj in bob.objects)
 
@@ -244,7 +192,7 @@ async def test_every_error_code_keeps_the_connection_usable(replica: Replica) ->
     for frame, code, ref in after_join:
         error = await chat.reply_to(frame)
         assert (error["type"], error["code"], error["ref"]) == ("error", code, ref), frame
-    assert (await chat.say("still here", "ok-1"))["type"] == "message"
+    assert (await chat.say_and_wait("still here", "ok-1"))["type"] == "message"
     assert [m["text"] for m in chat.messages()] == ["still here"]
 
 
@@ -252,8 +200,8 @@ async def test_past_the_burst_messages_are_rate_limited_and_not_stored(replica: 
     chat = await replica.chat()
     await chat.join("alice")
     for n in range(12):
-        await chat.send({"type": "say", "text": f"m{n}", "ref": f"r{n}"})
-    answers = [await chat.next(lambda o, n=n: o.get("ref") == f"r{n}", start=0) for n in range(12)]  # type: ignore[misc]
+        await chat.say(f"m{n}", f"r{n}")
+    answers = [await chat.wait_for(lambda o, n=n: o.get("ref") == f"r{n}", start=0, timeout=TIMEOUT) for n in range(12)]  # type: ignore[misc]
     assert [a["type"] for a in answers[:10]] == ["message"] * 10
     refused = [a for a in answers[10:] if a["type"] == "error"]
     assert refused, answers[10:]
@@ -267,10 +215,10 @@ async def test_past_the_burst_messages_are_rate_limited_and_not_stored(replica: 
 
 
 async def test_a_foreign_origin_is_refused_and_the_own_origin_let_in(replica: Replica) -> None:
-    with pytest.raises(WebsocketResponseError) as caught:
-        await (await replica.chat({"Origin": "http://evil.example"})).next()
-    assert caught.value.response.status_code == 403
-    assert (await caught.value.response.get_json())["error"] == "forbidden_origin"
+    with pytest.raises(Refused) as caught:
+        await replica.chat({"Origin": "http://evil.example", "Host": "localhost"})
+    assert caught.value.status == 403
+    assert json.loads(caught.value.body)["error"] == "forbidden_origin"
     own = await replica.chat({"Origin": "http://localhost", "Host": "localhost"})
     assert (await own.join("alice"))["type"] == "welcome"
 
@@ -278,7 +226,7 @@ async def test_a_foreign_origin_is_refused_and_the_own_origin_let_in(replica: Re
 async def test_the_api_pages_back_through_the_history(replica: Replica) -> None:
     chat = await replica.chat()
     await chat.join("alice", "pages")
-    sent = [(await chat.say(f"m{n}", f"r{n}"))["id"] for n in range(7)]
+    sent = [(await chat.say_and_wait(f"m{n}", f"r{n}"))["id"] for n in range(7)]
     response = await replica.client.get("/api/rooms/pages/messages", query_string={"limit": "3"})
     page = await response.get_json()
     assert response.status_code == 200

@@ -1,4 +1,6 @@
-"""One client's socket as the rest of the replica sees it: a bounded outbox, written by the replica's flusher.
+"""One client's socket as the rest of the replica sees it: an ordered, bounded outbox, written by the replica's
+flusher. Its one job is getting frames to the socket, in order, or giving up on a client that does not take them;
+what the client is (a member of a room, joining or live) is rooms.py's business.
 
 Fan-out never awaits a socket: it appends the shared `Delivery` to each recipient's outbox and moves on. The
 `Flusher` then writes every outbox that has something waiting as one frame (objects separated by newlines, as
@@ -10,24 +12,18 @@ messages and the per-frame cost (here, in nginx and in the client) is paid once 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from . import metrics
-from .broker import Delivery
-from .protocol import FRAME_SEPARATOR, MessageId
+from .protocol import FRAME_SEPARATOR, CloseCode, MessageId
 
 log = logging.getLogger(__name__)
 
-# WebSocket close codes this replica uses (docs/protocol.md).
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_RESTART = 1012
-CLOSE_TRY_AGAIN = 1013
 # A close that cannot be written within this long (the client does not read, so the close frame waits behind what
 # it has not read) ends the TCP connection instead: what the replica held for it is freed.
 CLOSE_TIMEOUT = 10.0
@@ -37,25 +33,40 @@ STALL_TIMEOUT = 60.0
 
 
 class FrameSink(Protocol):
-    """Where a connection's frames go (websocket.py has the two kinds)."""
+    """Where a connection's frames go: hypercorn_internals.DirectFrames, or websocket.AsgiFrames."""
 
     def write(self, payload: bytes) -> bool:
         """Writes one text frame now; False when the peer is behind and `drained` should be awaited."""
 
-    async def drained(self) -> None: ...
+    async def drained(self) -> None:
+        """Returns once the peer has taken what was written (or the socket is gone)."""
 
-    async def close(self, code: int, reason: str) -> None: ...
+    async def close(self, code: int, reason: str) -> None:
+        """Starts the close handshake, after everything written so far."""
 
     def abort(self) -> None:
         """Ends the connection at once, dropping whatever is still buffered for it."""
 
+    def stop(self) -> None:
+        """The socket has ended: release what writing needed."""
 
-class State(enum.Enum):
-    OPEN = "open"  # not in a room yet: only its own replies are written
-    JOINING = "joining"  # in a room, history not read yet: the room's deliveries wait in `held`
-    CATCHING_UP = "catching_up"  # deliveries up to `joined_at` were in the welcome: skip them
-    LIVE = "live"
-    CLOSING = "closing"
+
+class Outgoing(Protocol):
+    """What an outbox holds: a frame, and the id of the message it is, when it is one (for the latency metric)."""
+
+    @property
+    def frame(self) -> bytes: ...
+
+    @property
+    def id(self) -> MessageId | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A frame for this client only (a welcome, an error)."""
+
+    frame: bytes
+    id: None = None
 
 
 class Flusher:
@@ -101,18 +112,13 @@ class Connection:
         "_sink",
         "close_code",
         "close_reason",
-        "held",
-        "held_bytes",
+        "closing",
         "id",
-        "joined_at",
         "limit",
         "limit_bytes",
-        "name",
         "on_overflow",
         "pending",
         "pending_bytes",
-        "room",
-        "state",
     )
 
     def __init__(
@@ -125,18 +131,12 @@ class Connection:
         on_overflow: Callable[[Connection], object],
     ) -> None:
         self.id = secrets.token_hex(6)
-        self.name: str | None = None
-        self.room: str | None = None
-        self.state = State.OPEN
-        # The newest message id this client had when it went live; None if the room's log was empty.
-        self.joined_at: MessageId | None = None
-        self.pending: list[Delivery] = []
-        self.held: list[Delivery] = []
-        # Bytes of the frames in `pending` and `held`: the outbox is bounded in both objects and bytes.
+        self.pending: list[Outgoing] = []
+        # Bytes of the frames in `pending`: the outbox is bounded in both objects and bytes.
         self.pending_bytes = 0
-        self.held_bytes = 0
         self.limit = outbox_limit
         self.limit_bytes = outbox_limit_bytes
+        self.closing = False
         self.close_code: int | None = None
         self.close_reason = ""
         self.on_overflow = on_overflow
@@ -146,94 +146,61 @@ class Connection:
         self._close_sent = False
         self._abort_timer: asyncio.TimerHandle | None = None
 
-    def post(self, delivery: Delivery) -> None:
+    def push(self, item: Outgoing) -> None:
         """Called by the fan-out for every recipient of every message: keep it short."""
-        if self.state is not State.LIVE:
-            self._post_not_live(delivery)
+        if self.closing:
             return
         pending = self.pending
-        pending.append(delivery)
-        self.pending_bytes += len(delivery.frame)
+        pending.append(item)
+        self.pending_bytes += len(item.frame)
         if len(pending) == 1:
             self._flusher.mark(self)
         elif len(pending) > self.limit or self.pending_bytes > self.limit_bytes:
-            self._overflow()
+            self.overflow()
 
-    def _post_not_live(self, delivery: Delivery) -> None:
-        if self.state is State.JOINING:
-            self.held.append(delivery)
-            self.held_bytes += len(delivery.frame)
-            if len(self.held) > self.limit or self.held_bytes > self.limit_bytes:
-                self._overflow()
-        elif self.state is State.CATCHING_UP:
-            if delivery.id is not None:
-                if self.joined_at is not None and delivery.id <= self.joined_at:
-                    return  # already in the welcome's history
-                # Ids only grow from here: no more checks needed.
-                self.state = State.LIVE
-            self._push(delivery)
+    def push_all(self, items: Sequence[Outgoing]) -> None:
+        for item in items:
+            self.push(item)
 
     def reply(self, frame: bytes) -> None:
-        """A frame for this client only (welcome, error), in order with everything else it receives."""
-        if self.state is not State.CLOSING:
-            self._push(Delivery("", None, frame))
+        """A frame for this client only, in order with everything else it receives."""
+        self.push(Reply(frame))
 
-    def _push(self, delivery: Delivery) -> None:
-        self.pending.append(delivery)
-        self.pending_bytes += len(delivery.frame)
-        if len(self.pending) == 1:
-            self._flusher.mark(self)
-        elif len(self.pending) > self.limit or self.pending_bytes > self.limit_bytes:
-            self._overflow()
-
-    def start_joining(self, room: str, name: str) -> None:
-        self.room = room
-        self.name = name
-        self.state = State.JOINING
-
-    def go_live(self, welcome: bytes, joined_at: MessageId | None) -> None:
-        """Welcome first, then whatever the room said meanwhile that the welcome's history did not have."""
-        if self.state is not State.JOINING:
-            return
-        self.joined_at = joined_at
-        self.reply(welcome)
-        held, self.held = self.held, []
-        self.held_bytes = 0
-        self.state = State.CATCHING_UP
-        for delivery in held:
-            self.post(delivery)
+    def fits(self, count: int, size: int) -> bool:
+        """Whether this many more objects and bytes, on top of what waits, stay within the outbox's bounds (what a
+        room holds for a joining member counts against them too)."""
+        return len(self.pending) + count <= self.limit and self.pending_bytes + size <= self.limit_bytes
 
     def close(self, code: int, reason: str = "") -> None:
         """Closes once what is already in the outbox has been written (a replica restarting: 1012)."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        if self.state is not State.CLOSING:
-            self.state = State.CLOSING
-            self.held = []
-            self.held_bytes = 0
+        if not self.closing:
+            self.closing = True
             self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._sink.abort)
         self._flusher.mark(self)
 
     def release(self) -> None:
         """The socket has ended: nothing more is written, and nothing is held for it."""
-        self.state = State.CLOSING
+        self.closing = True
         self._close_sent = True
-        self.pending, self.held = [], []
-        self.pending_bytes = self.held_bytes = 0
+        self.pending = []
+        self.pending_bytes = 0
+        self._sink.stop()
         if self._abort_timer is not None:
             self._abort_timer.cancel()
             self._abort_timer = None
 
-    def _overflow(self) -> None:
-        # A client this far behind would only fall further: drop what it has not read, and tell it to come back
-        # with `since`. Memory stays bounded whatever it does.
-        self.pending, self.held = [], []
-        self.pending_bytes = self.held_bytes = 0
+    def overflow(self) -> None:
+        """Too far behind to catch up: drop what it has not read, and tell it to come back with `since`. Memory
+        stays bounded whatever the client does."""
+        self.pending = []
+        self.pending_bytes = 0
         metrics.SLOW_CONSUMERS.inc()
-        self.close(CLOSE_TRY_AGAIN, "too slow: reconnect with since")
+        self.close(CloseCode.TRY_AGAIN, "too slow: reconnect with since")
         # Not now: this runs inside the fan-out's loop over the room's members, and taking a member out of that set
-        # mid-loop broke the loop and lost the message for everyone after it. Until then, CLOSING drops deliveries.
+        # mid-loop broke the loop and lost the message for everyone after it. Until then, `closing` drops pushes.
         asyncio.get_running_loop().call_soon(self.on_overflow, self)
 
     def flush(self) -> None:
@@ -244,7 +211,7 @@ class Connection:
         if batch:
             self.pending = []
             self.pending_bytes = 0
-            if not self._sink.write(FRAME_SEPARATOR.join([delivery.frame for delivery in batch])):
+            if not self._sink.write(FRAME_SEPARATOR.join([item.frame for item in batch])):
                 self._blocked = True
                 asyncio.get_running_loop().create_task(self._wait_drained())
             _record_write(batch)
@@ -264,10 +231,10 @@ class Connection:
             self._flusher.mark(self)
 
 
-def _record_write(batch: list[Delivery]) -> None:
-    for delivery in batch:
-        if delivery.id is not None:
+def _record_write(batch: list[Outgoing]) -> None:
+    for item in batch:
+        if item.id is not None:
             # Ids carry Redis's clock at acceptance: that is where a message's latency starts.
-            metrics.SEND_PATH.wrote(len(batch), max(0.0, time.time() - delivery.id[0] / 1000))
+            metrics.SEND_PATH.wrote(len(batch), max(0.0, time.time() - item.id[0] / 1000))
             return
     metrics.SEND_PATH.wrote(len(batch), None)

@@ -14,7 +14,8 @@ from .addresses import Sockets
 from .allowances import Allowances
 from .broker import Broker, open_broker
 from .config import Settings
-from .connection import CLOSE_RESTART, Connection, Flusher
+from .connection import Connection, Flusher
+from .protocol import CloseCode
 from .rooms import Rooms
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class Replica:
         log.info("draining", extra={"event": "draining", "connections": len(self.connections)})
         await asyncio.sleep(self.settings.drain_seconds)
         for connection in list(self.connections):
-            connection.close(CLOSE_RESTART, "replica restarting")
+            connection.close(CloseCode.RESTARTING, "replica restarting")
         if self.connections:
             try:
                 await asyncio.wait_for(self._idle.wait(), 5.0)
@@ -101,17 +102,20 @@ class Replica:
                 log.warning("connections still open after drain", extra={"event": "drain_timeout"})
         log.info("drained", extra={"event": "drained"})
 
+    # What waits for clients: their outboxes, and what their rooms hold for them while they join.
     def outbox_total(self) -> int:
-        return sum(len(c.pending) + len(c.held) for c in list(self.connections))
+        held = self._rooms.held()[0] if self._rooms else 0
+        return sum(len(c.pending) for c in list(self.connections)) + held
 
     def outbox_largest(self) -> int:
-        return max((len(c.pending) + len(c.held) for c in list(self.connections)), default=0)
+        return max((len(c.pending) for c in list(self.connections)), default=0)
 
     def outbox_bytes(self) -> int:
-        return sum(c.pending_bytes + c.held_bytes for c in list(self.connections))
+        held = self._rooms.held()[1] if self._rooms else 0
+        return sum(c.pending_bytes for c in list(self.connections)) + held
 
     def outbox_largest_bytes(self) -> int:
-        return max((c.pending_bytes + c.held_bytes for c in list(self.connections)), default=0)
+        return max((c.pending_bytes for c in list(self.connections)), default=0)
 
 
 async def _forever(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:

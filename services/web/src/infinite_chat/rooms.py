@@ -1,26 +1,99 @@
-"""The rooms that have members on this replica: fan-out from the Redis channel to their outboxes, catching up
-after a lost subscription, and keeping their members' presence alive."""
+"""The rooms that have members on this replica: who is in each and where each stands in it (joining, catching up,
+live), the fan-out from the Redis channel to their outboxes, catching up after a lost subscription, and keeping
+their members' presence alive.
+
+Joining without gaps or repeats: a member is in its room *before* its history is read, so nothing published during
+the read is missed; what arrives meanwhile is held. When the history is in, the welcome goes out first, then what
+was held; until the first delivery newer than the history's last message, the member skips anything not newer
+(it was in the welcome). From then on it is live, and the fan-out writes to its outbox directly.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Iterator
 
 from .broker import Broker, BrokerUnavailable, Delivery, presence_entry
 from .config import Settings
-from .connection import CLOSE_TRY_AGAIN, Connection, State
-from .protocol import MessageId
+from .connection import Connection
+from .protocol import CloseCode, MessageId
 
 log = logging.getLogger(__name__)
 
 
+class Stage(enum.Enum):
+    JOINING = "joining"  # history not read yet: the room's deliveries are held
+    CATCHING_UP = "catching_up"  # welcomed; deliveries up to `joined_at` were in its history: skipped
+    LIVE = "live"
+
+
+class Member:
+    """One connection in one room, under one name."""
+
+    __slots__ = ("connection", "held", "held_bytes", "joined_at", "name", "room", "stage")
+
+    def __init__(self, connection: Connection, room: str, name: str) -> None:
+        self.connection = connection
+        self.room = room
+        self.name = name
+        self.stage = Stage.JOINING
+        self.held: list[Delivery] = []
+        self.held_bytes = 0
+        # The newest message id this member had when it was welcomed; None if the room's log was empty.
+        self.joined_at: MessageId | None = None
+
+    @property
+    def entry(self) -> str:
+        """This member in the room's presence."""
+        return presence_entry(self.connection.id, self.name)
+
+    @property
+    def welcomed(self) -> bool:
+        return self.stage is not Stage.JOINING
+
+    def post(self, delivery: Delivery) -> bool:
+        """A delivery for a member that is not live yet; True once it is live (the room then writes to its outbox
+        directly)."""
+        if self.stage is Stage.JOINING:
+            size = len(delivery.frame)
+            if not self.connection.fits(len(self.held) + 1, self.held_bytes + size):
+                self.held, self.held_bytes = [], 0
+                self.connection.overflow()
+                return False
+            self.held.append(delivery)
+            self.held_bytes += size
+            return False
+        if delivery.id is not None:
+            if self.joined_at is not None and delivery.id <= self.joined_at:
+                return False  # already in the welcome's history
+            # Ids only grow from here: no more checks needed.
+            self.stage = Stage.LIVE
+        self.connection.push(delivery)
+        return self.stage is Stage.LIVE
+
+    def welcome(self, frame: bytes, joined_at: MessageId | None) -> bool:
+        """The welcome first, then whatever the room said meanwhile that its history did not have; True once live."""
+        self.joined_at = joined_at
+        self.stage = Stage.CATCHING_UP
+        self.connection.reply(frame)
+        held, self.held, self.held_bytes = self.held, [], 0
+        live = False
+        for delivery in held:
+            live = self.post(delivery)
+        return live
+
+
 class Room:
-    __slots__ = ("last_id", "members", "name")
+    __slots__ = ("joining", "last_id", "live", "members", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.members: set[Connection] = set()
+        self.members: dict[Connection, Member] = {}
+        # Live members' connections, which the fan-out writes to directly (the hot path), and the others.
+        self.live: set[Connection] = set()
+        self.joining: set[Member] = set()
         # The newest message fanned out here: anything not newer is a repeat (a catch-up got there first).
         self.last_id: MessageId | None = None
 
@@ -28,7 +101,7 @@ class Room:
         """Where this room's members' knowledge of the log ends, as far as the replica can be sure."""
         if self.last_id is not None:
             return self.last_id
-        starts = [member.joined_at for member in self.members if member.joined_at is not None]
+        starts = [member.joined_at for member in self.members.values() if member.joined_at is not None]
         return min(starts) if starts else None
 
 
@@ -37,27 +110,48 @@ class Rooms:
         self.broker = broker
         self.settings = settings
         self._rooms: dict[str, Room] = {}
+        self._members: dict[Connection, Member] = {}
 
     def __iter__(self) -> Iterator[Room]:
         return iter(list(self._rooms.values()))
 
-    def enter(self, room_name: str, connection: Connection, name: str) -> None:
+    def held(self) -> tuple[int, int]:
+        """Deliveries held for joining members, and their bytes (part of what waits for clients)."""
+        joining = [member for room in self._rooms.values() for member in room.joining]
+        return sum(len(m.held) for m in joining), sum(m.held_bytes for m in joining)
+
+    def enter(self, room_name: str, connection: Connection, name: str) -> Member:
         """From now on the room's deliveries reach this connection (held until its welcome is out)."""
-        connection.start_joining(room_name, name)
+        member = Member(connection, room_name, name)
         room = self._rooms.get(room_name)
         if room is None:
             room = self._rooms[room_name] = Room(room_name)
-        room.members.add(connection)
+        room.members[connection] = member
+        room.joining.add(member)
+        self._members[connection] = member
+        return member
 
-    def remove(self, connection: Connection) -> bool:
-        """Takes a connection out of its room; False when it was not in one."""
-        room = self._rooms.get(connection.room or "")
-        if room is None or connection not in room.members:
-            return False
-        room.members.discard(connection)
-        if not room.members:
-            del self._rooms[room.name]
-        return True
+    def welcome(self, member: Member, frame: bytes, joined_at: MessageId | None) -> None:
+        room = self._rooms.get(member.room)
+        if room is None or member not in room.joining:
+            return  # it left (or was closed) while its history was read
+        if member.welcome(frame, joined_at):
+            room.joining.discard(member)
+            room.live.add(member.connection)
+
+    def remove(self, connection: Connection) -> Member | None:
+        """Takes a connection out of its room; the member it was, or None when it was in none."""
+        member = self._members.pop(connection, None)
+        if member is None:
+            return None
+        room = self._rooms.get(member.room)
+        if room is not None:
+            room.members.pop(connection, None)
+            room.live.discard(connection)
+            room.joining.discard(member)
+            if not room.members:
+                del self._rooms[room.name]
+        return member
 
     def deliver(self, delivery: Delivery) -> None:
         room = self._rooms.get(delivery.room)
@@ -67,8 +161,13 @@ class Rooms:
             if room.last_id is not None and delivery.id <= room.last_id:
                 return
             room.last_id = delivery.id
-        for member in room.members:
-            member.post(delivery)
+        for connection in room.live:
+            connection.push(delivery)
+        if room.joining:
+            for member in list(room.joining):
+                if member.post(delivery):
+                    room.joining.discard(member)
+                    room.live.add(member.connection)
 
     async def fill_gaps(self) -> None:
         """Run after every (re)subscription: what was published while this replica was not listening, within the
@@ -92,9 +191,9 @@ class Rooms:
                 self.deliver(delivery)
             if not (read.found and read.complete):
                 log.warning("gap too large to fill", extra={"event": "gap_too_large", "room": room.name})
-                for member in list(room.members):
-                    member.close(CLOSE_TRY_AGAIN, "missed too much: reconnect with since")
-                self._rooms.pop(room.name, None)
+                for member in list(room.members.values()):
+                    member.connection.close(CloseCode.TRY_AGAIN, "missed too much: reconnect with since")
+                    self.remove(member.connection)
 
     async def fan_out(self) -> None:
         """Forever: every published message and presence event to the local members of its room."""
@@ -107,14 +206,13 @@ class Rooms:
         while True:
             await asyncio.sleep(self.settings.presence_refresh)
             for room in self:
-                members = [m for m in room.members if m.state in (State.CATCHING_UP, State.LIVE)]
-                entries = [presence_entry(m.id, m.name or "") for m in members]
+                members = [member for member in room.members.values() if member.welcomed]
                 try:
-                    await self.broker.refresh(room.name, entries)
+                    await self.broker.refresh(room.name, [member.entry for member in members])
                     # A member that left while the refresh was on its way may have been put back: take it out.
                     for member in members:
-                        if member not in room.members:
-                            await self.broker.leave(room.name, presence_entry(member.id, member.name or ""))
+                        if member.connection not in self._members:
+                            await self.broker.leave(room.name, member.entry)
                 except BrokerUnavailable:
                     log.warning("presence refresh failed", extra={"event": "presence_failed", "room": room.name})
                     break

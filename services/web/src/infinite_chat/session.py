@@ -8,10 +8,12 @@ import logging
 
 from . import metrics
 from .allowances import Allowances
-from .broker import Broker, BrokerUnavailable, Delivery, Online, QuotaRefusal, presence_entry
+from .broker import Broker, BrokerUnavailable, Delivery, Online, QuotaRefusal
 from .config import Settings
-from .connection import CLOSE_TRY_AGAIN, Connection, State
+from .connection import Connection
 from .protocol import (
+    CloseCode,
+    ErrorCode,
     Join,
     ProtocolError,
     Say,
@@ -22,7 +24,7 @@ from .protocol import (
     welcome_frame,
 )
 from .ratelimit import TokenBucket
-from .rooms import Rooms
+from .rooms import Member, Rooms
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +48,15 @@ class Session:
         self.address = address
         self.allowances = allowances
         self.rate = TokenBucket(settings.rate_limit, settings.rate_burst)
+        # Set by the join: this connection in its room.
+        self.member: Member | None = None
         self.present = False
         # Whether this connection's first message would create its room (the log was empty at the join). Other
         # clients may create it meanwhile; then the address is charged a room it did not create, once.
         self.room_is_new = False
 
-    @property
-    def joined(self) -> bool:
-        return self.connection.room is not None
-
     async def handle(self, data: str | bytes) -> None:
-        if self.connection.state is State.CLOSING:
+        if self.connection.closing:
             return
         try:
             command = parse_client_frame(data)
@@ -72,23 +72,24 @@ class Session:
         self.connection.reply(error_frame(error, retry_after_ms=retry_after_ms))
 
     async def _join(self, join: Join) -> None:
-        if self.joined:
-            raise ProtocolError("already_joined", "You are already in a room; open another connection for another.")
+        if self.member is not None:
+            raise ProtocolError(
+                ErrorCode.ALREADY_JOINED, "You are already in a room; open another connection for another."
+            )
         connection = self.connection
-        self.rooms.enter(join.room, connection, join.name)
-        entry = presence_entry(connection.id, join.name)
+        member = self.member = self.rooms.enter(join.room, connection, join.name)
         try:
-            online = await self.broker.join(join.room, entry)
+            online = await self.broker.join(join.room, member.entry)
             self.present = True
             history, resumed = await self._history(join)
         except BrokerUnavailable:
             self.rooms.remove(connection)
-            self._refuse(ProtocolError("unavailable", "The chat is unavailable for a moment; reconnecting."))
-            connection.close(CLOSE_TRY_AGAIN, "storage unavailable")
+            self._refuse(ProtocolError(ErrorCode.UNAVAILABLE, "The chat is unavailable for a moment; reconnecting."))
+            connection.close(CloseCode.TRY_AGAIN, "storage unavailable")
             return
         joined_at = history[-1].id if history else (parse_message_id(join.since) if resumed and join.since else None)
         self.room_is_new = joined_at is None
-        connection.go_live(self._welcome(join, online, [d.frame for d in history], resumed), joined_at)
+        self.rooms.welcome(member, self._welcome(join, online, [d.frame for d in history], resumed), joined_at)
         metrics.JOINS.inc()
         if resumed:
             metrics.RESUMES.inc()
@@ -122,41 +123,41 @@ class Session:
 
     async def _say(self, say: Say) -> None:
         metrics.MESSAGES_RECEIVED.inc()
-        connection = self.connection
-        if connection.room is None or connection.name is None:
-            raise ProtocolError("not_joined", 'Join a room first: {"type": "join", "name": ...}.', say.ref)
+        member = self.member
+        if member is None:
+            raise ProtocolError(ErrorCode.NOT_JOINED, 'Join a room first: {"type": "join", "name": ...}.', say.ref)
         wait = self.rate.take()
         if wait > 0:
             self._refuse(
-                ProtocolError("rate_limited", "Slow down: you are sending messages too fast.", say.ref),
+                ProtocolError(ErrorCode.RATE_LIMITED, "Slow down: you are sending messages too fast.", say.ref),
                 retry_after_ms=max(1, round(wait * 1000)),
             )
             return
-        body = message_body(connection.room, connection.name, say.text, say.ref)
+        body = message_body(member.room, member.name, say.text, say.ref)
         try:
             refusal = await self.allowances.take(self.address, len(body), new_room=self.room_is_new)
             if refusal is not None:
                 self._refuse(_quota_error(refusal, say.ref), retry_after_ms=refusal.retry_after_ms)
                 return
-            await self.broker.append(connection.room, body)
+            await self.broker.append(member.room, body)
         except BrokerUnavailable:
             detail = "Not sent: the chat cannot store messages right now. Try again."
-            raise ProtocolError("unavailable", detail, say.ref) from None
+            raise ProtocolError(ErrorCode.UNAVAILABLE, detail, say.ref) from None
         self.room_is_new = False
         metrics.MESSAGES_ACCEPTED.inc()
 
     async def end(self) -> None:
         """The socket is gone: leave the room, and say goodbye in presence (best effort; the TTL is the backstop)."""
-        connection = self.connection
-        self.rooms.remove(connection)
-        if self.present and connection.room is not None and connection.name is not None:
+        self.rooms.remove(self.connection)
+        member = self.member
+        if self.present and member is not None:
             self.present = False
             with contextlib.suppress(BrokerUnavailable):
-                await self.broker.leave(connection.room, presence_entry(connection.id, connection.name))
+                await self.broker.leave(member.room, member.entry)
 
 
 def _quota_error(refusal: QuotaRefusal, ref: str | None) -> ProtocolError:
-    if refusal.code == "too_many_rooms":
+    if refusal.code is ErrorCode.TOO_MANY_ROOMS:
         detail = "Not sent: your address has started too many new rooms this hour. Use an existing room, or wait."
     else:
         detail = "Not sent: your address has sent too much this hour. Wait a little."

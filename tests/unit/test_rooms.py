@@ -1,0 +1,138 @@
+"""The rooms of one replica (rooms.py): a member joining gets its welcome first, then exactly what the room said
+after its history, each once; the fan-out drops repeats by id; a gap after a lost subscription is filled from the
+log, or, when too large, the room's members are closed with 1013 to resume on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from infinite_chat.broker import Delivery, MemoryBroker
+from infinite_chat.config import Settings
+from infinite_chat.connection import Connection, Flusher
+from infinite_chat.protocol import CloseCode, message_body, parse_message_id
+from infinite_chat.rooms import Rooms, Stage
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.objects: list[bytes] = []
+        self.closed: tuple[int, str] | None = None
+
+    def write(self, payload: bytes) -> bool:
+        self.objects.extend(payload.split(b"\n"))
+        return True
+
+    async def drained(self) -> None:
+        pass
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+    def abort(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def setup(**settings: object) -> tuple[Rooms, MemoryBroker]:
+    broker = MemoryBroker(Settings(replica_name="unit", **settings))  # type: ignore[arg-type]
+    return Rooms(broker, broker.settings), broker
+
+
+def connection(sink: Sink) -> Connection:
+    return Connection(sink, Flusher(0), outbox_limit=1000, outbox_limit_bytes=1 << 20, on_overflow=lambda _: None)
+
+
+def message(n: int) -> Delivery:
+    return Delivery("lobby", (100, n), f'{{"n":{n}}}'.encode())
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_joining_member_gets_its_welcome_then_what_followed_its_history_once() -> None:
+    rooms, _ = setup()
+    sink = Sink()
+    member = rooms.enter("lobby", connection(sink), "alice")
+    # While its history (up to message 2) is read, the room goes on: 1 and 2 are in the history, 3 and 4 are not.
+    for n in (1, 2, 3, 4):
+        rooms.deliver(message(n))
+    assert member.stage is Stage.JOINING
+    rooms.welcome(member, b"welcome", (100, 2))
+    rooms.deliver(message(5))
+    await settle()
+    assert sink.objects == [b"welcome", b'{"n":3}', b'{"n":4}', b'{"n":5}']
+    assert member.stage is Stage.LIVE
+
+
+async def test_until_a_newer_message_arrives_a_welcomed_member_skips_what_its_history_had() -> None:
+    rooms, _ = setup()
+    sink = Sink()
+    member = rooms.enter("lobby", connection(sink), "alice")
+    rooms.welcome(member, b"welcome", (100, 5))
+    presence = Delivery("lobby", None, b"presence")
+    for delivery in (message(4), presence, message(5), message(6)):
+        rooms.deliver(delivery)
+    await settle()
+    assert sink.objects == [b"welcome", b"presence", b'{"n":6}']
+
+
+async def test_the_fan_out_drops_a_message_it_has_already_delivered() -> None:
+    rooms, _ = setup()
+    sink = Sink()
+    member = rooms.enter("lobby", connection(sink), "alice")
+    rooms.welcome(member, b"welcome", None)
+    for n in (1, 2, 2, 1, 3):  # a catch-up from the log and pub/sub can bring the same message twice
+        rooms.deliver(message(n))
+    await settle()
+    assert sink.objects == [b"welcome", b'{"n":1}', b'{"n":2}', b'{"n":3}']
+
+
+async def test_rooms_hear_only_their_own_and_an_empty_room_is_forgotten() -> None:
+    rooms, _ = setup()
+    lobby, other = Sink(), Sink()
+    alice = rooms.enter("lobby", connection(lobby), "alice")
+    bob_connection = connection(other)
+    bob = rooms.enter("other", bob_connection, "bob")
+    rooms.welcome(alice, b"w", None)
+    rooms.welcome(bob, b"w", None)
+    rooms.deliver(message(1))
+    await settle()
+    assert other.objects == [b"w"]
+    assert rooms.remove(bob_connection) is bob
+    assert [room.name for room in rooms] == ["lobby"]
+    assert rooms.remove(bob_connection) is None
+
+
+async def test_a_gap_after_a_lost_subscription_is_filled_from_the_log() -> None:
+    rooms, broker = setup()
+    first = await broker.append("lobby", message_body("lobby", "bob", "before", None))
+    sink = Sink()
+    member = rooms.enter("lobby", connection(sink), "alice")
+    rooms.welcome(member, b"welcome", parse_message_id(first))
+    # Said while this replica was not subscribed: it reaches the member only through the log.
+    for text in ("m1", "m2"):
+        await broker.append("lobby", message_body("lobby", "bob", text, None))
+    await rooms.fill_gaps()
+    await settle()
+    assert [json.loads(o)["text"] for o in sink.objects[1:]] == ["m1", "m2"]
+
+
+async def test_a_gap_larger_than_a_resume_closes_the_rooms_members_to_resume_on_their_own() -> None:
+    rooms, broker = setup(resume_max_messages=3)
+    first = await broker.append("lobby", message_body("lobby", "bob", "before", None))
+    sink = Sink()
+    member = rooms.enter("lobby", connection(sink), "alice")
+    rooms.welcome(member, b"welcome", parse_message_id(first))
+    for n in range(5):
+        await broker.append("lobby", message_body("lobby", "bob", f"m{n}", None))
+    await rooms.fill_gaps()
+    await settle()
+    # What could be read goes out first: the member resumes from there.
+    assert [json.loads(o)["text"] for o in sink.objects[1:]] == ["m0", "m1", "m2"]
+    assert sink.closed == (CloseCode.TRY_AGAIN, "missed too much: reconnect with since")
+    assert list(rooms) == []
