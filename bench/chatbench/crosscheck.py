@@ -1,9 +1,10 @@
 """Runs the team's reference generator, ../shared/bench/fanout.mjs, on the same scenario, so that the two
-tools' figures can be shown side by side. It runs from a writable copy with one bug fixed (bench/README.md)."""
+tools' figures can be shown side by side. It runs, unchanged, from a writable copy (bench/README.md)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -13,32 +14,30 @@ from typing import Any
 from chatbench.scenarios import Scenario
 from chatbench.system import Container
 
-SOURCE = Path("/work/shared/bench")
-# Before its first step, fanout.mjs's marker is an empty Buffer: a ready client that receives any frame then
-# (presence events while the others connect) loops forever in data.indexOf(MARK), which always finds 0.
-BUG = "  let p = data.indexOf(MARK);"
-FIX = "  let p = MARK.length ? data.indexOf(MARK) : -1;"
+# The team's tools sit beside the repository, wherever it is checked out; never at an absolute path.
+RELATIVE_SOURCE = Path("../shared/bench")
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / RELATIVE_SOURCE
+FILES = ("fanout.mjs", "package.json", "package-lock.json")
+# Before 1.2.0, a client that received a frame before the first step (our presence events while the others
+# connect) searched for an empty marker and looped forever.
+OLDEST = "1.2.0"
 
 
 class FanoutCopy:
-    """fanout.mjs copied to a temporary directory, patched, with its pinned `ws` installed by `npm ci`."""
+    """fanout.mjs copied as it is to a temporary directory (its source is read-only), with its pinned `ws`
+    installed by `npm ci`."""
 
     def __init__(self, source: Path = SOURCE) -> None:
+        check_version(source / "fanout.mjs")
         self.dir = Path(tempfile.mkdtemp(prefix="chatbench-fanout-"))
-        for name in ("fanout.mjs", "package.json", "package-lock.json"):
-            shutil.copy(source / name, self.dir / name)
-        script = self.dir / "fanout.mjs"
-        text = script.read_text()
-        if text.count(BUG) != 1:
-            raise RuntimeError(f"{source / 'fanout.mjs'} changed: the line to fix is not there once; check the fix")
-        script.write_text(text.replace(BUG, FIX))
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--silent"],
-            cwd=self.dir,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
+        try:
+            for name in FILES:
+                shutil.copy(source / name, self.dir / name)
+            npm_ci(self.dir)
+        except BaseException:
+            self.remove()
+            raise
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -86,3 +85,37 @@ class FanoutCopy:
             raise RuntimeError(f"fanout.mjs exited {done.returncode}: {done.stderr.strip()[-500:]}")
         result: dict[str, Any] = json.loads(done.stdout)
         return result
+
+
+def check_version(script: Path) -> None:
+    """Refuses a fanout.mjs that is missing or older than OLDEST. Its own VERSION (the one its --help and JSON
+    report) decides: its package.json has not followed it (it says 0.1.0 at 1.2.0)."""
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"no fanout.mjs at {script}: --crosscheck needs the team's generator at {RELATIVE_SOURCE}/fanout.mjs, "
+            "relative to the repository root"
+        )
+    match = re.search(r"^const VERSION = '(\d+\.\d+\.\d+)';", script.read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{script} names no VERSION; --crosscheck needs fanout.mjs {OLDEST} or later")
+    if numbers(match.group(1)) < numbers(OLDEST):
+        raise RuntimeError(
+            f"{script} is version {match.group(1)}; --crosscheck needs {OLDEST} or later, which does not hang on "
+            "frames that arrive before the first step"
+        )
+
+
+def numbers(version: str) -> tuple[int, ...]:
+    """'1.10.0' -> (1, 10, 0), so that versions compare as numbers."""
+    return tuple(int(part) for part in version.split("."))
+
+
+def npm_ci(directory: Path) -> None:
+    """Installs the `ws` that package-lock.json pins."""
+    subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--silent"],
+        cwd=directory,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from chatbench.docker import PROJECT_LABEL, SERVICE_LABEL, docker, project_containers, replica_number, wait_healthy
+
 HZ = os.sysconf("SC_CLK_TCK")  # USER_HZ: the unit of /proc/stat and /proc/<pid>/stat times
 NCPU = os.cpu_count() or 1
 PROC = Path("/proc")
@@ -154,18 +156,13 @@ class Sample:
     containers: dict[str, ContainerSample] = field(default_factory=dict)
 
 
-def docker(*args: str, timeout: float = 60) -> str:
-    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=True)
-    return done.stdout
-
-
 def compose_project_of(url: str) -> str | None:
     """The Compose project whose container publishes the URL's port on this machine, if any."""
     port = urlsplit(url).port
     if port is None:
         return None
     try:
-        out = docker("ps", "--filter", f"publish={port}", "--format", '{{.Label "com.docker.compose.project"}}')
+        out = docker("ps", "--filter", f"publish={port}", "--format", f'{{{{.Label "{PROJECT_LABEL}"}}}}')
     except (OSError, subprocess.SubprocessError):
         return None
     projects = [line for line in out.split() if line]
@@ -174,8 +171,8 @@ def compose_project_of(url: str) -> str | None:
 
 def discover(project: str) -> list[Container]:
     """The running containers of a Compose project, with their main pid and cgroup files."""
-    ids = docker("ps", "--filter", f"label=com.docker.compose.project={project}", "--format", "{{.ID}}").split()
-    if not ids:
+    names = project_containers(project)
+    if not names:
         return []
     fmt = "|".join(
         [
@@ -183,12 +180,12 @@ def discover(project: str) -> list[Container]:
             "{{.Id}}",
             "{{.State.Pid}}",
             "{{.Config.Hostname}}",
-            '{{index .Config.Labels "com.docker.compose.service"}}',
+            f'{{{{index .Config.Labels "{SERVICE_LABEL}"}}}}',
             "{{.State.StartedAt}}",
         ]
     )
     containers = []
-    for line in docker("inspect", "--format", fmt, *ids).splitlines():
+    for line in docker("inspect", "--format", fmt, *names).splitlines():
         if not line.strip():
             continue
         name, cid, pid, hostname, service, started = line.split("|")
@@ -196,27 +193,16 @@ def discover(project: str) -> list[Container]:
         container = Container(name=short, service=service, id=cid, pid=int(pid), hostname=hostname, started=started)
         container.cpu_file, container.mem_files = _cgroup_files(int(pid))
         containers.append(container)
-    return sorted(containers, key=lambda c: (c.service != "web", c.service, _number(c.name)))
+    return sorted(containers, key=lambda c: (c.service != "web", c.service, replica_number(c.name)))
 
 
 def restart(containers: list[Container], timeout: float = 180) -> None:
     """Restarts containers and waits until each is healthy again (or running, where it has no health check)."""
     if not containers:
         return
-    docker("restart", *[c.id for c in containers], timeout=timeout)
-    deadline = time.monotonic() + timeout
-    fmt = "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}"
-    while time.monotonic() < deadline:
-        states = docker("inspect", "--format", fmt, *[c.id for c in containers]).split()
-        if states and all(state in ("healthy", "running") for state in states):
-            return
-        time.sleep(1)
-    raise TimeoutError(f"containers not healthy {timeout:.0f}s after a restart: {states}")
-
-
-def _number(name: str) -> int:
-    match = re.search(r"(\d+)$", name)
-    return int(match.group(1)) if match else 0
+    ids = [c.id for c in containers]
+    docker("restart", *ids, timeout=timeout)
+    wait_healthy(ids, timeout)
 
 
 def _cgroup_files(pid: int) -> tuple[Path | None, tuple[Path, Path] | None]:

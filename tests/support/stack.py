@@ -3,12 +3,10 @@ stack started by scripts/up is never touched, and torn down with its volume at t
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +14,8 @@ from pathlib import Path
 
 import httpx
 from testcontainers.compose import DockerCompose
+
+from chatbench.docker import docker, docker_command, health, project_containers, wait_healthy
 
 from .addresses import forwarded
 
@@ -29,12 +29,12 @@ class DockerMissing(RuntimeError):
 
 def require_docker() -> None:
     """Tests that need Docker fail loudly without it; they never skip."""
-    for command in (["docker", "info"], ["docker", "compose", "version"]):
+    for command in (["info"], ["compose", "version"]):
         try:
-            subprocess.run(command, check=True, capture_output=True, timeout=30)
+            docker(*command, timeout=30)
         except (OSError, subprocess.SubprocessError) as error:
             raise DockerMissing(
-                f"`{' '.join(command)}` failed ({error}); run the tests with scripts/test, which prepares Docker"
+                f"`docker {' '.join(command)}` failed ({error}); run the tests with scripts/test, which prepares Docker"
             ) from None
 
 
@@ -75,13 +75,11 @@ class Stack:
         )
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["docker", *args], check=check, capture_output=True, text=True, timeout=timeout)
+        return docker_command(*args, check=check, timeout=timeout)
 
     def containers(self, service: str, *, all_states: bool = False) -> list[str]:
         """Container names of a service, in replica order (web-1, web-2, ...)."""
-        args = ["ps", "--format", "{{.Name}}"] + (["--all"] if all_states else []) + [service]
-        names = [line for line in self.compose(*args).stdout.split() if line]
-        return sorted(names, key=lambda name: int(name.rsplit("-", 1)[1]))
+        return project_containers(self.project, service, all_states=all_states)
 
     def web_containers(self) -> list[str]:
         return self.containers("web")
@@ -92,19 +90,13 @@ class Stack:
 
     def states(self) -> dict[str, str]:
         """Container name -> 'healthy', 'unhealthy', 'starting', or the container state when it has no health."""
-        out = self.compose("ps", "--all", "--format", "json").stdout
-        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
-        return {row["Name"]: (row.get("Health") or row.get("State") or "") for row in rows}
+        return health(project_containers(self.project, all_states=True))
 
     def wait_healthy(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        states: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            states = self.states()
-            if states and all(state == "healthy" for state in states.values()):
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"stack not healthy within {timeout}s: {states}")
+        try:
+            wait_healthy(project_containers(self.project, all_states=True), timeout)
+        except TimeoutError as error:
+            raise AssertionError(f"the stack: {error}") from None  # a test that waits on it fails, not errors
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=10, headers=forwarded())
