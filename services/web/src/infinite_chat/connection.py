@@ -15,7 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -157,10 +157,6 @@ class Connection:
             self._flusher.mark(self)
         elif len(pending) > self.limit or self.pending_bytes > self.limit_bytes:
             self.overflow()
-
-    def push_all(self, items: Sequence[Outgoing]) -> None:
-        for item in items:
-            self.push(item)
 
     def reply(self, frame: bytes) -> None:
         """A frame for this client only, in order with everything else it receives."""

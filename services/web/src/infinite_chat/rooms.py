@@ -56,6 +56,8 @@ class Member:
     def post(self, delivery: Delivery) -> bool:
         """A delivery for a member that is not live yet; True once it is live (the room then writes to its outbox
         directly)."""
+        if self.connection.closing:
+            return False  # cut off (too slow, or restarting): it leaves the room on the next pass of the loop
         if self.stage is Stage.JOINING:
             size = len(delivery.frame)
             if not self.connection.fits(len(self.held) + 1, self.held_bytes + size):
