@@ -17,9 +17,10 @@ from infinite_chat.broker import BrokerUnavailable, Delivery, LogRead, RedisBrok
 from infinite_chat.broker import redis as redis_broker
 from infinite_chat.broker.redis import log_key
 from infinite_chat.config import Secret, Settings
-from infinite_chat.protocol import MessageId, message_body, parse_message_id
+from infinite_chat.protocol import message_body, parse_message_id
 from infinite_chat.rooms import Rooms
 from support.chat import eventually
+from support.peer import Peer, outbox
 from support.redis_server import RedisServer, redis_image_built, started_redis
 from support.stack import free_port
 
@@ -127,22 +128,6 @@ async def test_a_room_log_expires_after_its_idle_days(brokers: BrokerFactory, ro
     assert 2 * 86_400 - 60 < await chat.redis.ttl(log_key(room)) <= 2 * 86_400
 
 
-class Member:
-    """What Rooms needs of a connection: a place in a room, and where its deliveries go."""
-
-    def __init__(self) -> None:
-        self.got: list[Delivery] = []
-        self.joined_at: MessageId | None = None
-        self.room: str | None = None
-        self.name: str | None = None
-
-    def start_joining(self, room: str, name: str) -> None:
-        self.room, self.name = room, name
-
-    def post(self, delivery: Delivery) -> None:
-        self.got.append(delivery)
-
-
 async def test_what_is_published_while_the_subscription_is_lost_is_caught_up_from_the_log(
     brokers: BrokerFactory, room: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,8 +135,8 @@ async def test_what_is_published_while_the_subscription_is_lost_is_caught_up_fro
     monkeypatch.setattr(redis_broker.Backoff, "next_delay", lambda self: 0.5)
     replica, other = brokers(), brokers()
     rooms = Rooms(replica, replica.settings)
-    member = Member()
-    rooms.enter(room, member, "bob")  # type: ignore[arg-type]
+    peer = Peer()
+    rooms.welcome(rooms.enter(room, outbox(peer), "bob"), b"welcome", None)
     subscriptions = 0
     fill_gaps = rooms.fill_gaps
 
@@ -164,7 +149,7 @@ async def test_what_is_published_while_the_subscription_is_lost_is_caught_up_fro
     fan_out = asyncio.create_task(rooms.fan_out())
     await eventually(lambda: subscriptions == 1, timeout=10, what="the first subscription")
     await say(other, room, "m1")
-    await eventually(lambda: len(member.got) == 1, timeout=10, what="m1 by pub/sub")
+    await eventually(lambda: len(peer.objects) == 2, timeout=10, what="m1 by pub/sub")
 
     admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port, password=redis_server.password)
     assert await admin.client_kill_filter(_type="pubsub") >= 1
@@ -173,8 +158,8 @@ async def test_what_is_published_while_the_subscription_is_lost_is_caught_up_fro
     await say(other, room, "m3")
     await eventually(lambda: subscriptions == 2, timeout=10, what="the subscription back")
     await say(other, room, "m4")
-    await eventually(lambda: len(member.got) >= 4, timeout=10, what="all four messages")
-    assert texts(member.got) == ["m1", "m2", "m3", "m4"]  # each once, in order
+    await eventually(lambda: len(peer.objects) >= 5, timeout=10, what="all four messages")
+    assert [json.loads(o)["text"] for o in peer.objects[1:]] == ["m1", "m2", "m3", "m4"]  # each once, in order
     fan_out.cancel()
     with pytest.raises(asyncio.CancelledError):
         await fan_out

@@ -11,39 +11,7 @@ from infinite_chat import connection as connection_module
 from infinite_chat.broker import Delivery
 from infinite_chat.connection import Connection, Flusher
 from infinite_chat.protocol import CloseCode
-
-
-class Sink:
-    """A peer that takes what is written (or, stalled, takes nothing and is always behind)."""
-
-    def __init__(self, *, stalled: bool = False) -> None:
-        self.stalled = stalled
-        self.written: list[bytes] = []
-        self.closed: tuple[int, str] | None = None
-        self.aborted = asyncio.Event()
-        self.drain = asyncio.Event()
-
-    def write(self, payload: bytes) -> bool:
-        self.written.append(payload)
-        return not self.stalled
-
-    async def drained(self) -> None:
-        await self.drain.wait()
-
-    async def close(self, code: int, reason: str) -> None:
-        self.closed = (code, reason)
-
-    def abort(self) -> None:
-        self.aborted.set()
-
-    def stop(self) -> None:
-        pass
-
-
-def outbox(sink: Sink, *, interval: float = 0, limit: int = 1000, limit_bytes: int = 64 * 1024) -> Connection:
-    return Connection(
-        sink, Flusher(interval), outbox_limit=limit, outbox_limit_bytes=limit_bytes, on_overflow=lambda _: None
-    )
+from support.peer import Peer, outbox
 
 
 def message(n: int, size: int = 10) -> Delivery:
@@ -56,7 +24,7 @@ async def settle() -> None:
 
 
 async def test_what_waits_goes_out_in_order_as_one_frame_per_flush() -> None:
-    sink = Sink()
+    sink = Peer()
     connection = outbox(sink)
     connection.reply(b"welcome")
     for n in range(3):
@@ -66,7 +34,7 @@ async def test_what_waits_goes_out_in_order_as_one_frame_per_flush() -> None:
 
 
 async def test_under_load_a_connection_is_written_at_most_once_per_interval() -> None:
-    sink = Sink()
+    sink = Peer()
     flusher = Flusher(0.05)
     connection = Connection(sink, flusher, outbox_limit=1000, outbox_limit_bytes=1 << 20, on_overflow=lambda _: None)
     connection.push(message(0))
@@ -83,7 +51,7 @@ async def test_under_load_a_connection_is_written_at_most_once_per_interval() ->
 
 async def test_an_outbox_over_its_objects_or_bytes_is_dropped_and_closed_with_1013() -> None:
     for limit, limit_bytes, size, fits in ((5, 1 << 20, 10, 5), (1000, 64 * 1024, 8000, 8)):
-        sink = Sink(stalled=True)
+        sink = Peer(stalled=True)
         gone: list[Connection] = []
         connection = Connection(
             sink, Flusher(0), outbox_limit=limit, outbox_limit_bytes=limit_bytes, on_overflow=gone.append
@@ -103,7 +71,7 @@ async def test_an_outbox_over_its_objects_or_bytes_is_dropped_and_closed_with_10
 
 async def test_a_close_that_cannot_be_written_in_time_ends_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connection_module, "CLOSE_TIMEOUT", 0.05)
-    sink = Sink(stalled=True)
+    sink = Peer(stalled=True)
     connection = outbox(sink, limit=10)
     connection.reply(b"w")
     await settle()
@@ -115,14 +83,14 @@ async def test_a_close_that_cannot_be_written_in_time_ends_the_connection(monkey
 
 async def test_a_peer_that_takes_nothing_for_the_stall_timeout_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connection_module, "STALL_TIMEOUT", 0.05)
-    sink = Sink(stalled=True)
+    sink = Peer(stalled=True)
     connection = outbox(sink)
     connection.reply(b"w")
     await asyncio.wait_for(sink.aborted.wait(), 2)
 
 
 async def test_once_drained_what_waited_goes_out_and_the_close_after_it() -> None:
-    sink = Sink(stalled=True)
+    sink = Peer(stalled=True)
     connection = outbox(sink)
     connection.reply(b"w")
     await settle()
@@ -140,7 +108,7 @@ async def test_once_drained_what_waited_goes_out_and_the_close_after_it() -> Non
 
 async def test_a_socket_that_ends_normally_is_not_aborted_later(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connection_module, "CLOSE_TIMEOUT", 0.05)
-    sink = Sink()
+    sink = Peer()
     connection = outbox(sink)
     connection.close(CloseCode.RESTARTING, "replica restarting")
     connection.release()

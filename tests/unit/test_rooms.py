@@ -9,40 +9,14 @@ import json
 
 from infinite_chat.broker import Delivery, MemoryBroker
 from infinite_chat.config import Settings
-from infinite_chat.connection import Connection, Flusher
 from infinite_chat.protocol import CloseCode, message_body, parse_message_id
 from infinite_chat.rooms import Rooms, Stage
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.objects: list[bytes] = []
-        self.closed: tuple[int, str] | None = None
-
-    def write(self, payload: bytes) -> bool:
-        self.objects.extend(payload.split(b"\n"))
-        return True
-
-    async def drained(self) -> None:
-        pass
-
-    async def close(self, code: int, reason: str) -> None:
-        self.closed = (code, reason)
-
-    def abort(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
+from support.peer import Peer, outbox
 
 
 def setup(**settings: object) -> tuple[Rooms, MemoryBroker]:
     broker = MemoryBroker(Settings(replica_name="unit", **settings))  # type: ignore[arg-type]
     return Rooms(broker, broker.settings), broker
-
-
-def connection(sink: Sink) -> Connection:
-    return Connection(sink, Flusher(0), outbox_limit=1000, outbox_limit_bytes=1 << 20, on_overflow=lambda _: None)
 
 
 def message(n: int) -> Delivery:
@@ -56,8 +30,8 @@ async def settle() -> None:
 
 async def test_a_joining_member_gets_its_welcome_then_what_followed_its_history_once() -> None:
     rooms, _ = setup()
-    sink = Sink()
-    member = rooms.enter("lobby", connection(sink), "alice")
+    sink = Peer()
+    member = rooms.enter("lobby", outbox(sink), "alice")
     # While its history (up to message 2) is read, the room goes on: 1 and 2 are in the history, 3 and 4 are not.
     for n in (1, 2, 3, 4):
         rooms.deliver(message(n))
@@ -71,8 +45,8 @@ async def test_a_joining_member_gets_its_welcome_then_what_followed_its_history_
 
 async def test_until_a_newer_message_arrives_a_welcomed_member_skips_what_its_history_had() -> None:
     rooms, _ = setup()
-    sink = Sink()
-    member = rooms.enter("lobby", connection(sink), "alice")
+    sink = Peer()
+    member = rooms.enter("lobby", outbox(sink), "alice")
     rooms.welcome(member, b"welcome", (100, 5))
     presence = Delivery("lobby", None, b"presence")
     for delivery in (message(4), presence, message(5), message(6)):
@@ -83,8 +57,8 @@ async def test_until_a_newer_message_arrives_a_welcomed_member_skips_what_its_hi
 
 async def test_the_fan_out_drops_a_message_it_has_already_delivered() -> None:
     rooms, _ = setup()
-    sink = Sink()
-    member = rooms.enter("lobby", connection(sink), "alice")
+    sink = Peer()
+    member = rooms.enter("lobby", outbox(sink), "alice")
     rooms.welcome(member, b"welcome", None)
     for n in (1, 2, 2, 1, 3):  # a catch-up from the log and pub/sub can bring the same message twice
         rooms.deliver(message(n))
@@ -94,9 +68,9 @@ async def test_the_fan_out_drops_a_message_it_has_already_delivered() -> None:
 
 async def test_rooms_hear_only_their_own_and_an_empty_room_is_forgotten() -> None:
     rooms, _ = setup()
-    lobby, other = Sink(), Sink()
-    alice = rooms.enter("lobby", connection(lobby), "alice")
-    bob_connection = connection(other)
+    lobby, other = Peer(), Peer()
+    alice = rooms.enter("lobby", outbox(lobby), "alice")
+    bob_connection = outbox(other)
     bob = rooms.enter("other", bob_connection, "bob")
     rooms.welcome(alice, b"w", None)
     rooms.welcome(bob, b"w", None)
@@ -111,8 +85,8 @@ async def test_rooms_hear_only_their_own_and_an_empty_room_is_forgotten() -> Non
 async def test_a_gap_after_a_lost_subscription_is_filled_from_the_log() -> None:
     rooms, broker = setup()
     first = await broker.append("lobby", message_body("lobby", "bob", "before", None))
-    sink = Sink()
-    member = rooms.enter("lobby", connection(sink), "alice")
+    sink = Peer()
+    member = rooms.enter("lobby", outbox(sink), "alice")
     rooms.welcome(member, b"welcome", parse_message_id(first))
     # Said while this replica was not subscribed: it reaches the member only through the log.
     for text in ("m1", "m2"):
@@ -125,8 +99,8 @@ async def test_a_gap_after_a_lost_subscription_is_filled_from_the_log() -> None:
 async def test_a_gap_larger_than_a_resume_closes_the_rooms_members_to_resume_on_their_own() -> None:
     rooms, broker = setup(resume_max_messages=3)
     first = await broker.append("lobby", message_body("lobby", "bob", "before", None))
-    sink = Sink()
-    member = rooms.enter("lobby", connection(sink), "alice")
+    sink = Peer()
+    member = rooms.enter("lobby", outbox(sink), "alice")
     rooms.welcome(member, b"welcome", parse_message_id(first))
     for n in range(5):
         await broker.append("lobby", message_body("lobby", "bob", f"m{n}", None))
