@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,3 +35,15 @@ def stack() -> Iterator[Stack]:
     """The whole Compose stack, started once per session for the system and browser tests (support/stack.py)."""
     with running_stack() as started:
         yield started
+
+
+@pytest.fixture
+def room() -> str:
+    """A room of the test's own, so tests never see each other's messages."""
+    return f"t-{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+def replicas(stack: Stack) -> list[str]:
+    """The names the web replicas give themselves, in container order."""
+    return [stack.replica_name(container) for container in stack.web_containers()]

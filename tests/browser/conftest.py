@@ -3,15 +3,12 @@ shared with the system tests: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, async_playwright, expect
-
-from support.stack import Stack
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium tries to reach outside hosts, which this machine refuses.
@@ -37,18 +34,6 @@ async def browser() -> AsyncIterator[Browser]:
             yield launched
         finally:
             await launched.close()
-
-
-@pytest.fixture
-def room() -> str:
-    """A room of the test's own, so tests never see each other's messages."""
-    return f"b-{secrets.token_hex(6)}"
-
-
-@pytest.fixture
-def replicas(stack: Stack) -> list[str]:
-    """The names the web replicas give themselves, in container order."""
-    return [stack.replica_name(container) for container in stack.web_containers()]
 
 
 @pytest.fixture

@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import websockets
 
 from .addresses import forwarded
 
 Obj = dict[str, Any]
+T = TypeVar("T")
 
 
 async def eventually(condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -35,6 +37,24 @@ async def eventually_async(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def poll(probe: Callable[[], T | None], *, timeout: float, what: str, interval: float = 1.0) -> T:
+    """`eventually` for tests that are not async, returning what `probe` found: calls it until it returns something
+    other than None; fails with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def answer_to(ref: str) -> Callable[[Obj], bool]:
+    """The server's answer to the say with this ref: its message, or an error."""
+    return lambda obj: obj.get("ref") == ref and obj["type"] in ("message", "error")
 
 
 class Socket(Protocol):
@@ -140,9 +160,7 @@ class ChatClient:
         """Says something and returns the server's reply to it: its own message (accepted) or an error."""
         start = len(self.objects)
         await self.say(text, ref)
-        return await self.wait_for(
-            lambda o: o.get("ref") == ref and o["type"] in ("message", "error"), timeout=timeout, start=start
-        )
+        return await self.wait_for(answer_to(ref), timeout=timeout, start=start)
 
     def of_type(self, kind: str) -> list[Obj]:
         return [obj for obj in self.objects if obj["type"] == kind]
@@ -188,15 +206,23 @@ class ChatClient:
 
 
 async def client_on(
-    url: str, replica: str | None, *, name: str, room: str, origin: str | None = None, attempts: int = 40
+    url: str,
+    replica: str | None,
+    *,
+    name: str,
+    room: str,
+    since: str | None = None,
+    origin: str | None = None,
+    attempts: int = 40,
 ) -> ChatClient:
-    """A joined client on the given replica (or on any, for None). nginx sends a new socket to the replica with the
-    fewest, so sockets that land elsewhere stay open until one lands right, then close."""
+    """A joined client (resuming after `since`, when given) on the given replica (or on any, for None). nginx sends a
+    new socket to the replica with the fewest, so sockets that land elsewhere stay open until one lands right, then
+    close."""
     others: list[ChatClient] = []
     try:
         for _ in range(attempts):
             client = await ChatClient.open(url, origin=origin)
-            await client.join(name, room)
+            await client.join(name, room, since=since)
             if replica is None or client.replica == replica:
                 return client
             others.append(client)
@@ -211,3 +237,17 @@ async def clients_on_each_replica(
 ) -> list[ChatClient]:
     """One joined client per replica, in the order given."""
     return [await client_on(url, replica, name=f"{prefix}-{i}", room=room) for i, replica in enumerate(replicas)]
+
+
+async def still_chats(url: str, replicas: list[str], room: str) -> None:
+    """The replicas still serve everyone else: a new client on each joins, and what the first says is accepted and
+    heard by the others."""
+    tag = secrets.token_hex(3)
+    clients = [await client_on(url, replica, name=f"check-{n}-{tag}", room=room) for n, replica in enumerate(replicas)]
+    sent = await clients[0].say_and_wait(f"still here {tag}", f"still-{tag}")
+    assert sent["type"] == "message", sent
+    for other in clients[1:]:
+        heard = await other.wait_for(lambda o: o["type"] == "message" and o.get("ref") == f"still-{tag}")
+        assert heard == sent
+    for client in clients:
+        await client.close()

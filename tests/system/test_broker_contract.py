@@ -69,11 +69,6 @@ async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[Brokers]:
         await made.close()
 
 
-@pytest.fixture
-def room() -> str:
-    return f"c-{secrets.token_hex(6)}"
-
-
 class Listener:
     """Runs a broker's `listen` as a replica's fan-out does, keeping what it yields."""
 

@@ -27,7 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from infinite_chat.protocol import ErrorCode
 from support.addresses import forwarded
-from support.chat import ChatClient, clients_on_each_replica, eventually
+from support.chat import eventually, still_chats
 from support.stack import Stack
 
 MAX_FRAME = 16 * 1024
@@ -236,7 +236,7 @@ def check_answer(frame: Frame, answer: dict[str, Any]) -> None:
             assert answer["retry_after_ms"] > 0
 
 
-def still_chats(prober: Prober, room: str) -> None:
+def still_answers(prober: Prober, room: str) -> None:
     """The socket still answers like a chat: a join (or 'already joined'), then a message (or 'slow down')."""
     prober.ws.send(json.dumps({"type": "join", "name": "prober", "room": room}))
     joined = prober.answer()
@@ -278,7 +278,7 @@ def fuzz(stack: Stack, room: str, profile: settings) -> Prober:
                 prober.expect_close(close)
             else:
                 check_answer(frame, prober.answer())
-        still_chats(prober, room)
+        still_answers(prober, room)
 
     with watched(stack):
         run()
@@ -286,25 +286,10 @@ def fuzz(stack: Stack, room: str, profile: settings) -> Prober:
     return prober
 
 
-def others_still_chat(stack: Stack, replicas: list[str], room: str) -> None:
-    async def check() -> None:
-        alice, bob = await clients_on_each_replica(stack.ws_url, replicas[:2], room=room)
-        echo = await alice.say_and_wait("after the fuzz", ref="after")
-        assert echo["type"] == "message"
-        await bob.wait_for(lambda o: o.get("ref") == "after")
-        for client in (alice, bob):
-            await client.close()
-        lone: ChatClient = await ChatClient.open(stack.ws_url)
-        await lone.join("lone", room)
-        await lone.close()
-
-    asyncio.run(check())
-
-
 def test_random_frames_get_an_answer_or_a_clean_close(stack: Stack, replicas: list[str], room: str) -> None:
     started = time.monotonic()
     prober = fuzz(stack, room, QUICK)
-    others_still_chat(stack, replicas, f"{room}-{secrets.token_hex(2)}")
+    asyncio.run(still_chats(stack.ws_url, replicas, f"{room}-{secrets.token_hex(2)}"))
     figures = {
         "test": "fuzz_quick",
         "frames": prober.frames_sent,
@@ -319,7 +304,7 @@ def test_random_frames_get_an_answer_or_a_clean_close(stack: Stack, replicas: li
 def test_random_frames_long(stack: Stack, replicas: list[str], room: str) -> None:
     started = time.monotonic()
     prober = fuzz(stack, room, LONG)
-    others_still_chat(stack, replicas, f"{room}-{secrets.token_hex(2)}")
+    asyncio.run(still_chats(stack.ws_url, replicas, f"{room}-{secrets.token_hex(2)}"))
     figures = {
         "test": "fuzz_long",
         "frames": prober.frames_sent,

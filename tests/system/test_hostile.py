@@ -4,36 +4,22 @@ the replica keeps serving others; secrets stay secret; internals stay internal; 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import secrets
 import socket
 import struct
-from functools import partial
 
 import httpx
 import pytest
 import websockets
 
 from support.addresses import forwarded
-from support.chat import ChatClient, client_on
+from support.chat import ChatClient, answer_to, still_chats
 from support.rawws import OP_CLOSE, OP_TEXT, RawSocket, frame_header, mask
 from support.resilient import read_log
 from support.stack import Stack
 
 MAX_FRAME = 16 * 1024
-
-
-def answers(ref: str, obj: dict[str, object]) -> bool:
-    """Whether a server object is the answer to the message sent with `ref`."""
-    return obj.get("ref") == ref and obj["type"] in ("message", "error")
-
-
-async def still_chats(stack: Stack, replica: str, room: str) -> None:
-    """A new client on that replica joins and has its message accepted: the replica serves others."""
-    client = await client_on(stack.ws_url, replica, name=f"check-{secrets.token_hex(2)}", room=room)
-    echo = await client.say_and_wait("still here", ref="check")
-    assert echo["type"] == "message"
-    await client.close()
 
 
 # ---- frames --------------------------------------------------------------------------------------------------------
@@ -53,7 +39,7 @@ async def test_frame_over_16_kib_is_closed_with_1009_and_one_at_the_limit_is_rea
     wide = await ChatClient.open(stack.ws_url)
     await wide.send_raw(json.dumps({"type": "say", "text": "€" * 6000}, ensure_ascii=False))
     assert await wide.wait_closed() == 1009
-    await still_chats(stack, welcome["replica"], room)
+    await still_chats(stack.ws_url, [welcome["replica"]], room)
 
 
 async def test_a_five_megabyte_frame_is_refused_before_it_is_read(stack: Stack, room: str) -> None:
@@ -88,17 +74,27 @@ async def test_a_five_megabyte_frame_is_refused_before_it_is_read(stack: Stack, 
     after = stack.rss_kib(container)
     raw.abort()
     assert after - before < 4 * 1024, f"replica memory grew by {after - before} KiB for a refused 5 MiB frame"
-    await still_chats(stack, replica, room)
+    await still_chats(stack.ws_url, [replica], room)
 
 
-async def test_frames_that_cannot_be_parsed_are_closed_with_a_close_frame(stack: Stack) -> None:
-    """Invalid UTF-8 in a text frame: 1007 (a close frame, not a dropped connection)."""
+async def test_frames_that_cannot_be_parsed_are_closed_with_a_close_frame(stack: Stack, room: str) -> None:
+    """Invalid UTF-8 in a text frame: 1007 (a close frame, not a dropped connection), and nothing of it stored."""
     ws = await websockets.connect(stack.ws_url, compression=None, additional_headers=forwarded())
-    await ws.send(b'{"type": "join", "name": "\xff\xfe"}', text=True)
-    with pytest.raises(websockets.ConnectionClosed):
-        await asyncio.wait_for(ws.recv(), 10)
+    await ws.send(json.dumps({"type": "join", "name": "garbled", "room": room}))
+    welcome = str(await asyncio.wait_for(ws.recv(), 10)).split("\n")[0]  # a frame may carry several objects
+    replica = json.loads(welcome)["replica"]
+    await ws.send(b'{"type": "say", "text": "\xff\xfe"}', text=True)
+    await asyncio.wait_for(read_until_closed(ws), 10)  # presence, then the close
     assert ws.close_code == 1007
     assert ws.protocol.close_rcvd is not None  # the replica sent a close frame
+    assert stack.get(f"/api/rooms/{room}/messages").json()["messages"] == []
+    await still_chats(stack.ws_url, [replica], room)
+
+
+async def read_until_closed(ws: websockets.ClientConnection) -> None:
+    with contextlib.suppress(websockets.ConnectionClosed):
+        async for _ in ws:
+            pass
 
 
 # ---- limits ----------------------------------------------------------------------------------------------------------
@@ -143,7 +139,7 @@ async def test_rate_limit_refuses_past_the_burst_and_stores_nothing_refused(stac
     for ref in refs:  # as fast as the socket takes them: far over 5 a second
         await sender.say(f"message {ref}", ref)
     for ref in refs:
-        await sender.wait_for(partial(answers, ref))
+        await sender.wait_for(answer_to(ref))
     replies = {o["ref"]: o for o in sender.objects if o.get("ref") in refs and o["type"] in ("message", "error")}
     accepted = [ref for ref in refs if replies[ref]["type"] == "message"]
     limited = [replies[ref] for ref in refs if replies[ref]["type"] == "error"]
@@ -282,12 +278,16 @@ async def test_socket_from_own_origin_or_without_origin_is_allowed(stack: Stack,
         ("/api/rooms/" + "r" * 33 + "/messages", {}, "invalid_room"),
         ("/api/rooms/bad%21room/messages", {}, "invalid_room"),
         ("/api/rooms/%C3%A9/messages", {}, "invalid_room"),
+        ("/api/rooms/lob%20by/messages", {}, "invalid_room"),
+        ("/api/rooms/{room}/messages", {"before": "\u0661-\u0660"}, "invalid_before"),  # Arabic-Indic digits
     ],
 )
 def test_http_api_bad_parameters_get_400(stack: Stack, room: str, path: str, params: dict[str, str], code: str) -> None:
     response = stack.get(path.format(room=room), params=params)
     assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json"
     assert response.json()["error"] == code
+    assert response.json()["detail"]
 
 
 @pytest.mark.parametrize(

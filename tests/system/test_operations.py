@@ -9,8 +9,7 @@ import json
 import os
 import secrets
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,23 +21,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from support.chat import ChatClient, client_on, eventually_async
+from support.chat import ChatClient, client_on, eventually_async, poll
 from support.stack import Stack, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
-
-
-def poll(probe: Callable[[], T | None], *, timeout: float, what: str, interval: float = 1.0) -> T:
-    """Calls `probe` until it returns something other than None; fails with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def image(stack: Stack, name: str) -> str:
@@ -166,8 +153,8 @@ def test_nginx_access_log_is_json_with_the_upstream_and_its_time(stack: Stack, r
     assert entry["status"] == 200
     assert entry["upstream"] in addresses
     assert entry["upstream_status"] == "200"
-    assert float(entry["upstream_response_time"]) >= 0
-    assert float(entry["request_time"]) >= 0
+    # Seconds, as nginx measures them: the upstream's part of the request, within the whole.
+    assert 0 <= float(entry["upstream_response_time"]) <= float(entry["request_time"]) < 15
 
 
 def test_metrics_are_not_served_through_nginx(stack: Stack) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -35,11 +34,6 @@ def redis_image() -> Iterator[str]:
 def redis_server(redis_image: str) -> Iterator[RedisServer]:
     with started_redis(redis_image) as server:
         yield server
-
-
-@pytest.fixture
-def room() -> str:
-    return f"b-{secrets.token_hex(6)}"
 
 
 @pytest.fixture
