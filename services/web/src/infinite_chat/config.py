@@ -81,6 +81,9 @@ class Settings:
     allowed_origins: frozenset[str] = frozenset()
     ping_interval: float = 20.0
     drain_seconds: float = 1.0
+    # A replica stops hearing a room this long after its last member there left: one who reconnects (a reload, a
+    # restart of another replica) finds it still subscribed.
+    unsubscribe_grace: float = 5.0
     max_frame_bytes: int = 16 * 1024
     log_level: str = "info"
 
@@ -130,6 +133,7 @@ class Settings:
             ),
             ping_interval=_float(env, "PING_INTERVAL", defaults.ping_interval, low=1, high=3600),
             drain_seconds=_float(env, "DRAIN_SECONDS", defaults.drain_seconds, low=0, high=60),
+            unsubscribe_grace=_float(env, "UNSUBSCRIBE_GRACE_SECONDS", defaults.unsubscribe_grace, low=0, high=3600),
             max_frame_bytes=_int(env, "MAX_FRAME_BYTES", defaults.max_frame_bytes, low=1024, high=1 << 20),
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, {"debug", "info", "warning", "error"}),
         )

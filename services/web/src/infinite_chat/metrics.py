@@ -28,6 +28,8 @@ SEND_PATHS = Counter("chat_send_path", "Connections by the way their frames are 
 FLOODS = Counter("chat_floods", "Connections closed (1008) for sending more frames than allowed.")
 REDIS_ERRORS = Counter("chat_redis_errors", "Redis calls that failed, by kind.", ["kind"])
 REDIS_RECONNECTS = Counter("chat_redis_reconnects", "Times the fan-out subscription was lost and retried.")
+# Follows this replica's rooms, not the whole chat's traffic: each replica hears only the rooms it has members in.
+FANOUT_RECEIVED = Counter("chat_fanout_received", "Messages and presence events this replica heard from Redis.")
 # Labelled series exist only once used, and rate() cannot see a series' first increment: start the usual ones at 0
 # so that a first error shows up in graphs and alerts. Codes not listed here (protocol.md) appear on first use.
 for _kind in ("command", "subscribe"):

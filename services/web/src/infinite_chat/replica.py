@@ -12,7 +12,7 @@ from typing import Any
 from . import metrics
 from .addresses import Sockets
 from .allowances import Allowances
-from .broker import Broker, open_broker
+from .broker import Broker, BrokerUnavailable, open_broker
 from .config import Settings
 from .connection import Connection, Flusher
 from .protocol import CloseCode
@@ -61,6 +61,12 @@ class Replica:
             asyncio.create_task(_forever("fan_out", self._rooms.fan_out)),
             asyncio.create_task(_forever("keep_presence", self._rooms.keep_presence)),
         ]
+        try:
+            # Before the first client: a room's old history must be where its first join reads.
+            await asyncio.wait_for(self._broker.migrate(), 30)
+        except (BrokerUnavailable, TimeoutError):
+            log.warning("key migration postponed: Redis unavailable", extra={"event": "migrate_postponed"})
+            self._tasks.append(asyncio.create_task(_until_done(self._broker.migrate)))
         metrics.watch_outboxes(self.outbox_total, self.outbox_largest, self.outbox_bytes, self.outbox_largest_bytes)
         # Everything alive now (modules, the app) lives as long as the process: keep it out of every GC pass.
         gc.freeze()
@@ -128,3 +134,13 @@ async def _forever(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> N
         except Exception:
             log.exception("background task failed; restarting", extra={"event": "task_failed", "task": name})
             await asyncio.sleep(1.0)
+
+
+async def _until_done(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """A one-time task that needs Redis: retried every few seconds until it has run once."""
+    while True:
+        try:
+            await run()
+            return
+        except BrokerUnavailable:
+            await asyncio.sleep(5.0)

@@ -1,11 +1,13 @@
 """The rooms that have members on this replica: who is in each and where each stands in it (joining, catching up,
-live), the fan-out from the Redis channel to their outboxes, catching up after a lost subscription, and keeping
+live), hearing each room's channel while it has members here (and for UNSUBSCRIBE_GRACE_SECONDS after the last
+leaves), the fan-out from those channels to their outboxes, catching up after a lost subscription, and keeping
 their members' presence alive.
 
-Joining without gaps or repeats: a member is in its room *before* its history is read, so nothing published during
-the read is missed; what arrives meanwhile is held. When the history is in, the welcome goes out first, then what
-was held; until the first delivery newer than the history's last message, the member skips anything not newer
-(it was in the welcome). From then on it is live, and the fan-out writes to its outbox directly.
+Joining without gaps or repeats: a member is in its room, and the replica hears the room (Redis has confirmed the
+subscription), *before* its history is read, so nothing published during the read is missed; what arrives
+meanwhile is held. When the history is in, the welcome goes out first, then what was held; until the first delivery
+newer than the history's last message, the member skips anything not newer (it was in the welcome). From then on
+it is live, and the fan-out writes to its outbox directly.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class Member:
 
 
 class Room:
-    __slots__ = ("joining", "last_id", "live", "members", "name")
+    __slots__ = ("forget", "joining", "last_id", "live", "members", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -98,6 +100,8 @@ class Room:
         self.joining: set[Member] = set()
         # The newest message fanned out here: anything not newer is a repeat (a catch-up got there first).
         self.last_id: MessageId | None = None
+        # Set while the room has no member: when it fires, the replica stops hearing the room.
+        self.forget: asyncio.TimerHandle | None = None
 
     def catch_up_from(self) -> MessageId | None:
         """Where this room's members' knowledge of the log ends, as far as the replica can be sure."""
@@ -113,6 +117,7 @@ class Rooms:
         self.settings = settings
         self._rooms: dict[str, Room] = {}
         self._members: dict[Connection, Member] = {}
+        self._unsubscribing: set[asyncio.Task[None]] = set()
 
     def __iter__(self) -> Iterator[Room]:
         return iter(list(self._rooms.values()))
@@ -128,10 +133,18 @@ class Rooms:
         room = self._rooms.get(room_name)
         if room is None:
             room = self._rooms[room_name] = Room(room_name)
+        elif room.forget is not None:
+            room.forget.cancel()  # someone is back within the grace: the room stays subscribed
+            room.forget = None
         room.members[connection] = member
         room.joining.add(member)
         self._members[connection] = member
         return member
+
+    async def hear(self, member: Member) -> None:
+        """Returns once this replica hears the member's room, so that its history can be read without a gap:
+        at once when the room is subscribed already, else when Redis confirms the subscription."""
+        await self.broker.subscribe(member.room)
 
     def welcome(self, member: Member, frame: bytes, joined_at: MessageId | None) -> None:
         room = self._rooms.get(member.room)
@@ -151,9 +164,20 @@ class Rooms:
             room.members.pop(connection, None)
             room.live.discard(connection)
             room.joining.discard(member)
-            if not room.members:
-                del self._rooms[room.name]
+            if not room.members and room.forget is None:
+                # Not at once: a member who reconnects (a reload, a replica restart) should not cost a subscription.
+                grace = self.settings.unsubscribe_grace
+                room.forget = asyncio.get_running_loop().call_later(grace, self._forget, room.name)
         return member
+
+    def _forget(self, name: str) -> None:
+        room = self._rooms.get(name)
+        if room is None or room.members:
+            return
+        del self._rooms[name]
+        task = asyncio.create_task(self.broker.unsubscribe(name))
+        self._unsubscribing.add(task)
+        task.add_done_callback(self._unsubscribing.discard)
 
     def deliver(self, delivery: Delivery) -> None:
         room = self._rooms.get(delivery.room)
@@ -177,6 +201,8 @@ class Rooms:
         with 1013 after what could be read: each then resumes on its own, from what it holds."""
         settings = self.settings
         for room in self:
+            if not room.members:
+                continue  # unsubscribing soon; whoever joins it reads its own history
             read = await self.broker.read_after(
                 room.name,
                 room.catch_up_from(),

@@ -79,6 +79,7 @@ class Session:
         connection = self.connection
         member = self.member = self.rooms.enter(join.room, connection, join.name)
         try:
+            await self.rooms.hear(member)
             online = await self.broker.join(join.room, member.entry)
             self.present = True
             history, resumed = await self._history(join)

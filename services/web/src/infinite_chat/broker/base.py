@@ -95,9 +95,24 @@ class Log(ABC):
         position it continues from is still in the log, so nothing is read after an id that is not there."""
 
     @abstractmethod
+    async def subscribe(self, room: str) -> None:
+        """From now on `listen` yields what is published in this room. Returns once the subscription is confirmed,
+        so that a history read after it cannot miss a message published meanwhile; BrokerUnavailable when it cannot
+        be confirmed within a few seconds (it stays asked for, and is made when the subscription is back)."""
+
+    @abstractmethod
+    async def unsubscribe(self, room: str) -> None:
+        """No more of this room's messages and presence events."""
+
+    @abstractmethod
+    def subscribed(self) -> set[str]:
+        """The rooms asked for (confirmed or not)."""
+
+    @abstractmethod
     def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
-        """Everything published (messages and presence events), in order, forever. After each (re)subscription and
-        before the next delivery it awaits `on_subscribed`, which is where a replica fetches what it missed."""
+        """Everything published in the subscribed rooms (messages and presence events), each room in its order,
+        forever. After each (re)subscription and before the next delivery it awaits `on_subscribed`, which is where
+        a replica fetches what it missed."""
 
 
 class Presence(ABC):
@@ -175,3 +190,6 @@ class Broker(Log, Presence, Quotas):
 
     @abstractmethod
     async def ping(self) -> None: ...
+
+    async def migrate(self) -> None:
+        """Moves what an earlier release stored under other keys to where this one reads it (nothing, by default)."""

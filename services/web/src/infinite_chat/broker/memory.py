@@ -55,6 +55,7 @@ class MemoryBroker(Broker):
         self._events: dict[str, _PresenceEvents] = {}
         self._allowances: dict[str, _Allowance] = {}
         self._listeners: set[asyncio.Queue[Delivery]] = set()
+        self._heard: set[str] = set()
         self._last: MessageId = (0, 0)
 
     async def close(self) -> None:
@@ -174,8 +175,19 @@ class MemoryBroker(Broker):
         return Online(names[: self.settings.presence_list_max], len(names))
 
     def _publish(self, delivery: Delivery) -> None:
+        if delivery.room not in self._heard:
+            return
         for queue in self._listeners:
             queue.put_nowait(delivery)
+
+    async def subscribe(self, room: str) -> None:
+        self._heard.add(room)  # confirmed at once: publishing is a call in this process
+
+    async def unsubscribe(self, room: str) -> None:
+        self._heard.discard(room)
+
+    def subscribed(self) -> set[str]:
+        return set(self._heard)
 
     async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
         queue: asyncio.Queue[Delivery] = asyncio.Queue()

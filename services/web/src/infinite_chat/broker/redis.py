@@ -1,9 +1,11 @@
 """The one module that talks to Redis: each room's log (a stream), who is online (a sorted set), each address's
-allowance (a hash), and the fan-out channel every replica hears.
+allowance (a hash), and a channel per room.
 
-A message is appended to its room's stream and published on one channel in a single Lua script (lua/append.lua),
-so it is stored before anyone sees it and every replica hears messages in log order. Every replica subscribes once
-to that channel; after a lost subscription it reads the log from the last id it had, so an outage loses nothing.
+A message is appended to its room's stream and published on the room's channel in a single Lua script
+(lua/append.lua), so it is stored before anyone sees it and every replica hearing the room gets its messages in log
+order. A replica subscribes to the channels of the rooms it has members in, all on one connection; after a lost
+subscription it reads each room's log from the last id it had, so an outage loses nothing. Every key of a room
+carries the room in a hash tag (`chat:{lobby}:log`), so that a room's keys and channel are in one slot.
 Key layout: docs/architecture.md.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as redis
+from redis.asyncio.client import PubSub
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
@@ -40,21 +43,38 @@ from .base import (
     message_delivery,
 )
 
-CHANNEL = "chat:fanout"
 log = logging.getLogger(__name__)
+# The subscription's own channel, on which nothing is published: it keeps the connection subscribed (and so
+# watched) while this replica has no room.
+LISTENING = "chat:listening"
+# How long a join waits for Redis to confirm its room's subscription before it is told the chat is unavailable.
+SUBSCRIBE_TIMEOUT = 5.0
 
 
 def log_key(room: str) -> str:
-    return f"chat:room:{room}:log"
+    return f"chat:{{{room}}}:log"
 
 
 def online_key(room: str) -> str:
-    return f"chat:room:{room}:online"
+    return f"chat:{{{room}}}:online"
 
 
 def presence_key(room: str) -> str:
     """When the room's last presence event went out, and the change waiting for the next one (if any)."""
-    return f"chat:room:{room}:presence"
+    return f"chat:{{{room}}}:presence"
+
+
+def channel_key(room: str) -> str:
+    return f"chat:{{{room}}}:channel"
+
+
+def room_of_channel(channel: bytes) -> str:
+    return channel.decode()[len("chat:{") : -len("}:channel")]
+
+
+def old_log_key(room: str) -> str:
+    """Where a room's log was before its keys had a hash tag (up to the release with issue 12)."""
+    return f"chat:room:{room}:log"
 
 
 def quota_key(address: str) -> str:
@@ -109,7 +129,12 @@ class RedisBroker(Broker):
             settings.redis_url, max_connections=2, socket_timeout=None, retry=no_retry, **options
         )
         self.listener = redis.Redis.from_pool(listener_pool)
+        # Each room asked for, and whether Redis has confirmed its subscription (set) or not yet (a new future).
+        self._heard: dict[str, asyncio.Future[None]] = {}
+        # The subscription connection while it is up and subscribed; None while it is (re)connecting.
+        self._pubsub: PubSub | None = None
         self._append = self.redis.register_script(_script("append.lua"))
+        self._migrate = self.redis.register_script(_script("migrate.lua"))
         self._presence_script = self.redis.register_script(_script("presence.lua"))
         self._quota = self.redis.register_script(_script("quota.lua"))
         self._idle_seconds = settings.room_idle_days * 86_400
@@ -129,7 +154,7 @@ class RedisBroker(Broker):
         try:
             message_id = await self._append(
                 keys=[log_key(room)],
-                args=[body, self.settings.retain, CHANNEL, room, self._idle_seconds],
+                args=[body, self.settings.retain, channel_key(room), room, self._idle_seconds],
             )
         except (RedisError, OSError) as error:
             raise _unavailable(error) from None
@@ -208,7 +233,7 @@ class RedisBroker(Broker):
                     action,
                     int(settings.presence_ttl * 1000),
                     settings.presence_list_max,
-                    CHANNEL,
+                    channel_key(room),
                     room,
                     settings.presence_interval_ms,
                     *entries,
@@ -219,32 +244,119 @@ class RedisBroker(Broker):
         names: list[str] = orjson.loads(names_json)
         return Online(names, int(count)), int(wait)
 
+    async def subscribe(self, room: str) -> None:
+        heard = self._heard.get(room)
+        if heard is None:
+            heard = self._heard[room] = asyncio.get_running_loop().create_future()
+            pubsub = self._pubsub
+            if pubsub is not None:
+                # Confirmed by `listen`, which reads the subscription's replies. If the connection has just gone,
+                # `listen` asks again for every room once it is back.
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.subscribe(channel_key(room))
+        try:
+            await asyncio.wait_for(asyncio.shield(heard), SUBSCRIBE_TIMEOUT)
+        except TimeoutError:
+            raise BrokerUnavailable("the room's subscription was not confirmed in time") from None
+
+    async def unsubscribe(self, room: str) -> None:
+        heard = self._heard.pop(room, None)
+        if heard is not None and not heard.done():
+            heard.set_exception(BrokerUnavailable("unsubscribed"))
+            heard.exception()  # nobody need look: whoever waited has left the room
+        pubsub = self._pubsub
+        if heard is not None and pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.unsubscribe(channel_key(room))
+
+    def subscribed(self) -> set[str]:
+        return set(self._heard)
+
     async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
         backoff = Backoff()
         while True:
             pubsub = self.listener.pubsub()
             try:
-                await pubsub.subscribe(CHANNEL)
-                # Only once Redis confirms the subscription is nothing published lost: then catch up on the log.
-                while (await pubsub.get_message(timeout=5.0)) is None:
-                    pass
+                rooms = list(self._heard)
+                waiting = {LISTENING.encode(), *(channel_key(room).encode() for room in rooms)}
+                await pubsub.subscribe(*waiting)
+                # Read the confirmations, and only then catch up on the logs, so that nothing published is lost.
+                # (Redis confirms every channel of one SUBSCRIBE before anything published on them; whatever
+                # else comes first is kept for after the catch-up, where it is dropped if the catch-up had it.)
+                early: list[Delivery] = []
+                while waiting:
+                    reply = await pubsub.get_message(timeout=5.0)
+                    if reply is None:
+                        continue
+                    if reply["type"] == "message":
+                        early.append(_parse_published(reply["data"]))
+                    elif reply["type"] == "subscribe":
+                        waiting.discard(reply["channel"])
+                        self._confirmed(reply)
+                self._pubsub = pubsub
+                # Rooms asked for while this connection was being made: ask now (confirmed in the loop below).
+                later = [room for room in self._heard if room not in rooms]
+                if later:
+                    await pubsub.subscribe(*(channel_key(room) for room in later))
                 # A command that finished on the old server just as it went away may have put its connection back.
                 await self._drop_idle_connections()
                 await on_subscribed()
                 backoff.reset()
-                log.info("fan-out subscribed", extra={"event": "redis_subscribed"})
+                log.info("fan-out subscribed", extra={"event": "redis_subscribed", "rooms": len(self._heard)})
+                for delivery in early:
+                    metrics.FANOUT_RECEIVED.inc()
+                    yield delivery
                 async for message in pubsub.listen():
                     if message["type"] == "message":
+                        metrics.FANOUT_RECEIVED.inc()
                         yield _parse_published(message["data"])
+                    else:
+                        self._confirmed(message)
             except (RedisError, OSError, BrokerUnavailable) as error:
                 metrics.REDIS_ERRORS.labels("subscribe").inc()
                 log.warning("fan-out subscription lost: %s", type(error).__name__, extra={"event": "redis_lost"})
                 await self._drop_idle_connections()
             finally:
+                self._pubsub = None
+                # Nothing is confirmed any more: joins from now on wait for the next subscription.
+                loop = asyncio.get_running_loop()
+                for room, heard in self._heard.items():
+                    if heard.done():
+                        self._heard[room] = loop.create_future()
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             metrics.REDIS_RECONNECTS.inc()
             await asyncio.sleep(backoff.next_delay())
+
+    def _confirmed(self, reply: dict[str, Any]) -> None:
+        """A subscription reply: the room's joins may read its history now."""
+        if reply["type"] != "subscribe" or reply["channel"] == LISTENING.encode():
+            return
+        heard = self._heard.get(room_of_channel(reply["channel"]))
+        if heard is not None and not heard.done():
+            heard.set_result(None)
+
+    async def migrate(self) -> None:
+        """Moves the logs of the key layout before hash tags to the current one, once: each replica runs it at
+        start, and a log that is already moved (or was written anew meanwhile) is left alone, with a warning when
+        the two would have to be merged. Presence under the old layout expires by itself."""
+        moved = kept = 0
+        try:
+            async for key in self.redis.scan_iter(match=old_log_key("*"), count=1000, _type="stream"):
+                room = key.decode()[len("chat:room:") : -len(":log")]
+                outcome = await self._migrate(keys=[key, log_key(room)])
+                if outcome == 1:
+                    moved += 1
+                elif outcome == 0:
+                    kept += 1
+                    log.warning(
+                        "room has a log under both key layouts: the old one is kept, not shown",
+                        extra={"event": "migrate_conflict", "room": room},
+                    )
+        except (RedisError, OSError) as error:
+            raise _unavailable(error) from None
+        if moved or kept:
+            log.info("moved %d room logs to the new key layout", moved, extra={"event": "migrated", "kept": kept})
 
     async def _drop_idle_connections(self) -> None:
         """Closes the command pool's idle connections: they may lead to a Redis that is gone.

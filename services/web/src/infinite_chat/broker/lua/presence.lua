@@ -11,7 +11,7 @@
 -- ARGV[1]  "join" | "leave" | "refresh" | "flush" (publish a waiting change if it is due)
 -- ARGV[2]  time to live of an entry, in milliseconds
 -- ARGV[3]  at most this many names in an event's "online" list (online_count always has the total)
--- ARGV[4]  the fan-out channel
+-- ARGV[4]  the room's channel (chat:{<room>}:channel)
 -- ARGV[5]  the room's name
 -- ARGV[6]  the room's presence interval, in milliseconds
 -- ARGV[7...]  the connection entries ("<connection id>|<name>") this call is about
