@@ -121,6 +121,11 @@ class Stack:
         command = 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli "$@"'
         return self.exec(self.containers("redis")[0], "sh", "-c", command, "redis-cli", *args).stdout
 
+    def replicas_hearing(self, room: str) -> int:
+        """How many connections (one per replica) are subscribed to the room's channel."""
+        _, count = self.redis_cli("pubsub", "numsub", f"chat:{{{room}}}:channel").split()
+        return int(count)
+
     def redis_info(self) -> dict[str, str]:
         """Redis's INFO (memory, CPU, stats, ...) as field -> value."""
         lines = self.redis_cli("info", "everything").splitlines()

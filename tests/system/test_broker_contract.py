@@ -21,6 +21,7 @@ from infinite_chat.broker import Broker, Delivery, LogRead, MemoryBroker, RedisB
 from infinite_chat.config import Secret, Settings
 from infinite_chat.protocol import message_body, message_frame, parse_message_id
 from support.chat import eventually, eventually_async
+from support.listening import Listener
 from support.redis_server import RedisServer, redis_image_built, started_redis
 
 
@@ -67,34 +68,6 @@ async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[Brokers]:
     yield factory
     for made in factory.made:
         await made.close()
-
-
-class Listener:
-    """Runs a broker's `listen` as a replica's fan-out does, keeping what it yields."""
-
-    def __init__(self, chat: Broker) -> None:
-        self.got: list[Delivery] = []
-        self.subscriptions = 0
-        self._task = asyncio.create_task(self._run(chat))
-
-    async def _on_subscribed(self) -> None:
-        self.subscriptions += 1
-
-    async def _run(self, chat: Broker) -> None:
-        async for delivery in chat.listen(self._on_subscribed):
-            self.got.append(delivery)
-
-    async def ready(self) -> Listener:
-        await eventually(lambda: self.subscriptions > 0, timeout=10, what="the subscription")
-        return self
-
-    def objects(self, room: str) -> list[dict[str, Any]]:
-        return [json.loads(d.frame) for d in self.got if d.room == room]
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await self._task
 
 
 async def say(chat: Broker, room: str, text: str) -> str:
@@ -204,7 +177,7 @@ async def test_the_log_keeps_at_least_retain_messages_and_older_ids_become_unkno
 
 async def test_listeners_hear_every_append_in_log_order(brokers: Brokers, room: str) -> None:
     first, second, hearing = brokers(), brokers(), brokers()
-    listener = await Listener(hearing).ready()
+    listener = await Listener(hearing).ready(room)
     sent = await asyncio.gather(
         *(say(first, room, f"a{n}") for n in range(40)), *(say(second, room, f"b{n}") for n in range(40))
     )
@@ -217,12 +190,47 @@ async def test_listeners_hear_every_append_in_log_order(brokers: Brokers, room: 
     await listener.stop()
 
 
+async def test_a_listener_hears_only_the_rooms_it_subscribed_to_from_the_moment_it_is_confirmed(
+    brokers: Brokers, room: str
+) -> None:
+    chat, hearing = brokers(), brokers()
+    other = f"{room}-other"
+    await say(chat, room, "before the subscription")
+    listener = await Listener(hearing).ready(room)
+    await say(chat, other, "in a room not heard")
+    await say(chat, room, "heard")
+    await eventually(lambda: len(listener.objects(room)) == 1, timeout=10, what="the message in the room heard")
+    assert hearing.subscribed() == {room}
+
+    await hearing.unsubscribe(room)
+    await hearing.subscribe(other)  # confirmed after the unsubscription: the same connection, in order
+    await say(chat, room, "after the unsubscription")
+    await say(chat, other, "now heard")
+    await eventually(lambda: len(listener.objects(other)) == 1, timeout=10, what="the other room, now heard")
+    assert [o["text"] for o in listener.objects(room)] == ["heard"]
+    assert [o["text"] for o in listener.objects(other)] == ["now heard"]
+    assert hearing.subscribed() == {other}
+    await listener.stop()
+
+
+async def test_what_is_said_right_after_a_confirmed_subscription_is_heard(brokers: Brokers, room: str) -> None:
+    chat, hearing = brokers(), brokers()
+    listener = await Listener(hearing).ready()
+    rooms = [f"{room}-{n}" for n in range(30)]
+    for each in rooms:
+        await hearing.subscribe(each)
+        await say(chat, each, "first")  # the moment subscribe returns
+    await eventually(lambda: all(listener.objects(each) for each in rooms), timeout=10, what="every first message")
+    assert [len(listener.objects(each)) for each in rooms] == [1] * 30
+    await listener.stop()
+
+
 # ---- presence --------------------------------------------------------------------------------------------------------
 
 
 async def test_presence_is_by_name_sorted_capped_and_announced_when_it_changes(brokers: Brokers, room: str) -> None:
     chat = brokers(presence_list_max=2, presence_interval_ms=0)
-    listener = await Listener(brokers(presence_list_max=2, presence_interval_ms=0)).ready()
+    listener = await Listener(brokers(presence_list_max=2, presence_interval_ms=0)).ready(room)
     assert (await chat.join(room, presence_entry("c1", "carol"))).names == ["carol"]
     await chat.join(room, presence_entry("c2", "alice"))
     await chat.join(room, presence_entry("c3", "alice"))  # a second tab: alice is online already
@@ -244,7 +252,7 @@ async def test_presence_is_by_name_sorted_capped_and_announced_when_it_changes(b
 
 async def test_an_empty_room_has_an_empty_list_not_an_object(brokers: Brokers, room: str) -> None:
     chat = brokers(presence_interval_ms=0)
-    listener = await Listener(brokers(presence_interval_ms=0)).ready()
+    listener = await Listener(brokers(presence_interval_ms=0)).ready(room)
     await chat.join(room, presence_entry("c1", "alice"))
     await chat.leave(room, presence_entry("c1", "alice"))
     await eventually(lambda: len(listener.objects(room)) == 2, timeout=10, what="join and leave")
@@ -254,7 +262,7 @@ async def test_an_empty_room_has_an_empty_list_not_an_object(brokers: Brokers, r
 
 async def test_entries_not_renewed_expire_and_a_renewal_brings_them_back(brokers: Brokers, room: str) -> None:
     chat = brokers(presence_ttl=1.0, presence_interval_ms=0)
-    listener = await Listener(brokers(presence_ttl=1.0, presence_interval_ms=0)).ready()
+    listener = await Listener(brokers(presence_ttl=1.0, presence_interval_ms=0)).ready(room)
     await chat.join(room, presence_entry("c1", "alice"))
     await chat.join(room, presence_entry("c2", "bob"))
     joined_at = time.monotonic()
@@ -280,7 +288,7 @@ async def test_entries_not_renewed_expire_and_a_renewal_brings_them_back(brokers
 
 async def test_a_burst_of_presence_changes_is_one_event_per_interval(brokers: Brokers, room: str) -> None:
     chat = brokers(presence_interval_ms=500)
-    listener = await Listener(brokers(presence_interval_ms=500)).ready()
+    listener = await Listener(brokers(presence_interval_ms=500)).ready(room)
     await chat.join(room, presence_entry("c1", "alice"))
     started = time.monotonic()
     for n in range(30):
@@ -306,7 +314,7 @@ async def test_a_burst_of_presence_changes_is_one_event_per_interval(brokers: Br
 async def test_a_waiting_change_is_published_by_the_next_call_once_due(brokers: Brokers, room: str) -> None:
     """If the replica that was to publish a waiting change is gone, any later presence call in the room does."""
     chat = brokers(presence_interval_ms=300)
-    listener = await Listener(brokers(presence_interval_ms=300)).ready()
+    listener = await Listener(brokers(presence_interval_ms=300)).ready(room)
     await chat.join(room, presence_entry("c1", "alice"))
     await chat.join(room, presence_entry("c2", "bob"))
     chat._stop_presence_flushes()  # as if this replica were gone

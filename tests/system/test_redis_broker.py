@@ -14,11 +14,12 @@ import redis
 
 from infinite_chat.broker import BrokerUnavailable, Delivery, LogRead, RedisBroker, presence_entry
 from infinite_chat.broker import redis as redis_broker
-from infinite_chat.broker.redis import log_key
+from infinite_chat.broker.redis import log_key, old_log_key
 from infinite_chat.config import Secret, Settings
 from infinite_chat.protocol import message_body, parse_message_id
 from infinite_chat.rooms import Rooms
 from support.chat import eventually
+from support.listening import Listener
 from support.peer import Peer, outbox
 from support.redis_server import RedisServer, redis_image_built, started_redis
 from support.stack import free_port
@@ -64,34 +65,6 @@ class BrokerFactory:
         return made
 
 
-class Listener:
-    """Runs a broker's `listen`, keeping what it yields and counting (re)subscriptions."""
-
-    def __init__(self, chat: RedisBroker) -> None:
-        self.got: list[Delivery] = []
-        self.subscriptions = 0
-        self._task = asyncio.create_task(self._run(chat))
-
-    async def _on_subscribed(self) -> None:
-        self.subscriptions += 1
-
-    async def _run(self, chat: RedisBroker) -> None:
-        async for delivery in chat.listen(self._on_subscribed):
-            self.got.append(delivery)
-
-    async def ready(self) -> Listener:
-        await eventually(lambda: self.subscriptions > 0, timeout=10, what="the subscription")
-        return self
-
-    def objects(self, room: str) -> list[dict[str, Any]]:
-        return [json.loads(d.frame) for d in self.got if d.room == room]
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await self._task
-
-
 async def say(chat: RedisBroker, room: str, text: str) -> str:
     return await chat.append(room, message_body(room, "alice", text, None))
 
@@ -130,7 +103,6 @@ async def test_what_is_published_while_the_subscription_is_lost_is_caught_up_fro
     replica, other = brokers(), brokers()
     rooms = Rooms(replica, replica.settings)
     peer = Peer()
-    rooms.welcome(rooms.enter(room, outbox(peer), "bob"), b"welcome", None)
     subscriptions = 0
     fill_gaps = rooms.fill_gaps
 
@@ -142,6 +114,9 @@ async def test_what_is_published_while_the_subscription_is_lost_is_caught_up_fro
     rooms.fill_gaps = counting_fill_gaps  # type: ignore[method-assign]
     fan_out = asyncio.create_task(rooms.fan_out())
     await eventually(lambda: subscriptions == 1, timeout=10, what="the first subscription")
+    member = rooms.enter(room, outbox(peer), "bob")
+    await rooms.hear(member)
+    rooms.welcome(member, b"welcome", None)
     await say(other, room, "m1")
     await eventually(lambda: len(peer.objects) == 2, timeout=10, what="m1 by pub/sub")
 
@@ -159,11 +134,56 @@ async def test_what_is_published_while_the_subscription_is_lost_is_caught_up_fro
         await fan_out
 
 
+async def test_a_room_asked_for_while_the_subscription_is_down_is_heard_once_it_is_back(
+    brokers: BrokerFactory, room: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_broker.Backoff, "next_delay", lambda self: 1.0)
+    chat, other = brokers(), brokers()
+    listener = await Listener(chat).ready(room)
+    admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port, password=redis_server.password)
+    assert await admin.client_kill_filter(_type="pubsub") >= 1
+    await eventually(lambda: chat._pubsub is None, timeout=10, what="the loss noticed")
+    # While the subscription is down: a join's subscribe waits for it, and returns once it is back.
+    later = f"{room}-later"
+    await chat.subscribe(later)
+    await eventually(lambda: listener.subscriptions == 2, timeout=10, what="the catch-up after the subscription")
+    await say(other, room, "in the first room")
+    await say(other, later, "in the later room")
+    await eventually(
+        lambda: listener.objects(room) and listener.objects(later), timeout=10, what="both rooms heard again"
+    )
+    # One connection for every room of the replica.
+    channels = await admin.pubsub_channels(f"chat:{{{room}*")
+    assert sorted(channels) == sorted([f"chat:{{{room}}}:channel".encode(), f"chat:{{{later}}}:channel".encode()])
+    assert len(await admin.client_list(_type="pubsub")) == 1
+    await admin.aclose()
+    await listener.stop()
+
+
+async def test_logs_under_the_old_key_layout_are_moved_once_and_kept_where_both_exist(
+    brokers: BrokerFactory, room: str
+) -> None:
+    chat = brokers()
+    old, both = f"{room}-old", f"{room}-both"
+    for name in (old, both):
+        await chat.redis.xadd(old_log_key(name), {"b": message_body(name, "alice", "from before", None)})
+        await chat.redis.expire(old_log_key(name), 86_400)
+    await say(chat, both, "written anew")  # a new replica wrote the room before the old log was moved
+    await chat.migrate()
+    assert texts(await chat.recent(old, 5)) == ["from before"]
+    assert 86_000 < await chat.redis.ttl(log_key(old)) <= 86_400  # the time to live moves with it
+    assert not await chat.redis.exists(old_log_key(old))
+    assert texts(await chat.recent(both, 5)) == ["written anew"]
+    assert await chat.redis.exists(old_log_key(both))  # nothing deleted
+    await chat.migrate()  # again: nothing more to do
+    assert texts(await chat.recent(old, 5)) == ["from before"]
+
+
 async def test_after_a_redis_restart_no_command_fails_on_an_old_connection(
     brokers: BrokerFactory, room: str, redis_server: RedisServer
 ) -> None:
     chat = brokers()
-    listener = await Listener(chat).ready()
+    listener = await Listener(chat).ready(room)
     await say(chat, room, "before")
     # Several idle connections in the pool, all to the Redis about to go away.
     await asyncio.gather(*(chat.recent(room, 5) for _ in range(8)))

@@ -9,7 +9,7 @@ import subprocess
 import time
 from typing import Any
 
-from support.chat import clients_on_each_replica, eventually
+from support.chat import client_on, clients_on_each_replica, eventually
 from support.stack import Stack
 
 RELOAD = re.compile(r"upstream-watch: web is now ([0-9. ]+?) ?; reloading nginx")
@@ -36,6 +36,41 @@ def nginx_upstreams(stack: Stack) -> set[str] | None:
     logs = stack.docker("logs", nginx).stderr
     found = RELOAD.findall(logs)
     return set(found[-1].split()) if found else None
+
+
+HEARD = "chat_fanout_received_total"
+
+
+async def each_replica_hears_only_its_own_rooms(
+    stack: Stack, containers: list[str], names: list[str], room: str
+) -> None:
+    """A room per replica, all of whose members are on that replica: each replica hears its own room's messages and
+    none of the other two rooms' (with one channel for all, each would hear all 30)."""
+    pairs = [
+        [await client_on(stack.ws_url, name, name=f"{who}-{index}", room=f"{room}-own-{index}") for who in ("a", "b")]
+        for index, name in enumerate(names)
+    ]
+    # Sockets that landed on another replica on their way joined the room there: wait out their grace.
+    for index in range(len(names)):
+        await eventually(
+            lambda index=index: stack.replicas_hearing(f"{room}-own-{index}") == 1,
+            timeout=30,
+            what="only its own replica hearing each room",
+            interval=0.5,
+        )
+    before = [stack.replica_metrics(container)[HEARD] for container in containers]
+    for index, (sender, hearer) in enumerate(pairs):
+        for n in range(10):  # within the burst
+            assert (await sender.say_and_wait(f"own {n}", f"own-{index}-{n}"))["type"] == "message"
+        await hearer.wait_for(lambda obj, index=index: obj.get("ref") == f"own-{index}-9")
+    heard = [stack.replica_metrics(container)[HEARD] - was for container, was in zip(containers, before, strict=True)]
+    print(f"fan-out objects heard per replica for 3 rooms of 10 messages, one room each: {heard}")
+    for count in heard:
+        # Its own room's 10 messages (presence is quiet by now), and none of the other rooms' 20.
+        assert 10 <= count < 15, heard
+    for pair in pairs:
+        for client in pair:
+            await client.close()
 
 
 async def test_a_third_replica_gets_traffic_and_chats_with_the_others(stack: Stack, room: str) -> None:
@@ -82,6 +117,7 @@ async def test_a_third_replica_gets_traffic_and_chats_with_the_others(stack: Sta
         assert orders[0] == orders[1] == orders[2]
         for client in clients:
             await client.close()
+        await each_replica_hears_only_its_own_rooms(stack, containers, names, room)
     finally:
         scale(stack, 2)
         # Until nginx has reloaded without the removed replica, it would try (and skip) its address: wait for it.

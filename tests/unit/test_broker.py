@@ -41,7 +41,10 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 class Listener:
+    """Hears the lobby, as the fan-out of a replica with a member there does."""
+
     def __init__(self, chat: MemoryBroker) -> None:
+        self.chat = chat
         self.got: list[Delivery] = []
         self.subscribed = asyncio.Event()
         self._stream: AsyncIterator[Delivery] = chat.listen(self._subscribed)
@@ -52,6 +55,7 @@ class Listener:
 
     async def ready(self) -> Listener:
         await asyncio.wait_for(self.subscribed.wait(), 2)
+        await self.chat.subscribe("lobby")
         return self
 
     async def _run(self) -> None:

@@ -1,16 +1,21 @@
 """The rooms of one replica (rooms.py): a member joining gets its welcome first, then exactly what the room said
-after its history, each once; the fan-out drops repeats by id; a gap after a lost subscription is filled from the
-log, or, when too large, the room's members are closed with 1013 to resume on their own."""
+after its history, each once; a join reads its history only once the replica hears the room, which it stops
+hearing a grace after its last member left; the fan-out drops repeats by id; a gap after a lost subscription is
+filled from the log, or, when too large, the room's members are closed with 1013 to resume on their own."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 
+from infinite_chat.allowances import Allowances
 from infinite_chat.broker import Delivery, MemoryBroker
 from infinite_chat.config import Settings
 from infinite_chat.protocol import CloseCode, message_body, parse_message_id
 from infinite_chat.rooms import Rooms, Stage
+from infinite_chat.session import Session
+from support.chat import eventually
 from support.peer import Peer, outbox
 
 
@@ -67,7 +72,7 @@ async def test_the_fan_out_drops_a_message_it_has_already_delivered() -> None:
 
 
 async def test_rooms_hear_only_their_own_and_an_empty_room_is_forgotten() -> None:
-    rooms, _ = setup()
+    rooms, _ = setup(unsubscribe_grace=0)
     lobby, other = Peer(), Peer()
     alice = rooms.enter("lobby", outbox(lobby), "alice")
     bob_connection = outbox(other)
@@ -78,7 +83,7 @@ async def test_rooms_hear_only_their_own_and_an_empty_room_is_forgotten() -> Non
     await settle()
     assert other.objects == [b"w"]
     assert rooms.remove(bob_connection) is bob
-    assert [room.name for room in rooms] == ["lobby"]
+    await eventually(lambda: [room.name for room in rooms] == ["lobby"], timeout=5, what="the empty room forgotten")
     assert rooms.remove(bob_connection) is None
 
 
@@ -109,4 +114,48 @@ async def test_a_gap_larger_than_a_resume_closes_the_rooms_members_to_resume_on_
     # What could be read goes out first: the member resumes from there.
     assert [json.loads(o)["text"] for o in sink.objects[1:]] == ["m0", "m1", "m2"]
     assert sink.closed == (CloseCode.TRY_AGAIN, "missed too much: reconnect with since")
+    assert [room.members for room in rooms] == [{}]
+
+
+class HearingFirst(MemoryBroker):
+    """A twin that notes, for each read of a room's history, whether the room was heard at that moment."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.read_while_heard: list[bool] = []
+
+    async def recent(self, room: str, limit: int, before: str | None = None) -> list[Delivery]:
+        self.read_while_heard.append(room in self.subscribed())
+        return await super().recent(room, limit, before)
+
+
+async def test_a_join_reads_its_history_only_once_the_replica_hears_the_room() -> None:
+    broker = HearingFirst(Settings(replica_name="unit"))
+    rooms = Rooms(broker, broker.settings)
+    sink = Peer()
+    connection = outbox(sink)
+    session = Session(
+        connection, rooms, broker, broker.settings, address="198.18.0.1", allowances=Allowances(broker, 1 << 20)
+    )
+    await session.handle(json.dumps({"type": "join", "name": "alice", "room": "lobby"}))
+    await settle()
+    assert json.loads(sink.objects[0])["type"] == "welcome"
+    assert broker.read_while_heard == [True]
+
+
+async def test_a_room_is_heard_while_it_has_members_and_for_a_grace_after_the_last_left() -> None:
+    rooms, broker = setup(unsubscribe_grace=0.3)
+    first = outbox(Peer())
+    await rooms.hear(rooms.enter("lobby", first, "alice"))
+    assert broker.subscribed() == {"lobby"}
+    rooms.remove(first)
+    assert broker.subscribed() == {"lobby"}  # not at once
+    again = outbox(Peer())
+    await rooms.hear(rooms.enter("lobby", again, "alice"))  # back within the grace: the same subscription
+    await asyncio.sleep(0.2)
+    rooms.remove(again)
+    left = time.monotonic()
+    await eventually(lambda: broker.subscribed() == set(), timeout=5, what="the room unsubscribed")
+    # A grace after the last leave, not after the first one (0.2 s earlier): coming back cancelled that one.
+    assert time.monotonic() - left >= 0.25
     assert list(rooms) == []
