@@ -159,3 +159,14 @@ async def test_a_room_is_heard_while_it_has_members_and_for_a_grace_after_the_la
     # A grace after the last leave, not after the first one (0.2 s earlier): coming back cancelled that one.
     assert time.monotonic() - left >= 0.25
     assert list(rooms) == []
+
+
+async def test_a_join_just_as_the_grace_ends_keeps_the_room_heard() -> None:
+    rooms, broker = setup(unsubscribe_grace=0)
+    first = outbox(Peer())
+    await rooms.hear(rooms.enter("lobby", first, "alice"))
+    rooms.remove(first)
+    rooms._forget("lobby")  # what the grace timer does when it fires: the room goes, its unsubscription is on its way
+    await rooms.hear(rooms.enter("lobby", outbox(Peer()), "bob"))  # before it has gone out: subscribed, no wait
+    await settle()
+    assert broker.subscribed() == {"lobby"}

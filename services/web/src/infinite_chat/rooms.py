@@ -175,9 +175,15 @@ class Rooms:
         if room is None or room.members:
             return
         del self._rooms[name]
-        task = asyncio.create_task(self.broker.unsubscribe(name))
+        task = asyncio.create_task(self._unsubscribe(name))
         self._unsubscribing.add(task)
         task.add_done_callback(self._unsubscribing.discard)
+
+    async def _unsubscribe(self, name: str) -> None:
+        # Someone may have joined between the timer and this task: their join found the room still subscribed and
+        # did not wait, so it must stay so. (The check and the broker's own bookkeeping run with no await between.)
+        if name not in self._rooms:
+            await self.broker.unsubscribe(name)
 
     def deliver(self, delivery: Delivery) -> None:
         room = self._rooms.get(delivery.room)
