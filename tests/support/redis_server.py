@@ -9,10 +9,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from testcontainers.core.config import testcontainers_config
 from testcontainers.core.container import DockerContainer
+
+from infinite_chat.broker import RedisBroker
+from infinite_chat.config import Secret, Settings
 
 from .stack import ROOT, free_port, require_docker
 
@@ -26,6 +30,12 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def broker(self, **settings: Any) -> RedisBroker:
+        """A RedisBroker on this server, as a replica would have one, with these settings."""
+        return RedisBroker(
+            Settings(replica_name="broker-test", redis_url=self.url, redis_password=Secret(self.password), **settings)
+        )
 
     def restart(self) -> None:
         subprocess.run(["docker", "restart", self.container.get_wrapped_container().id], check=True, timeout=120)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from infinite_chat.broker import Broker, Delivery, LogRead, MemoryBroker, RedisBroker, open_broker, presence_entry
-from infinite_chat.config import Secret, Settings
+from infinite_chat.config import Settings
 from infinite_chat.protocol import message_body, message_frame, parse_message_id
 from support.chat import eventually, eventually_async
 from support.listening import Listener
@@ -49,14 +49,7 @@ class Brokers:
             )
             return self.made[0]
         assert self.server is not None
-        made = RedisBroker(
-            Settings(
-                replica_name="contract",
-                redis_url=self.server.url,
-                redis_password=Secret(self.server.password),
-                **settings,
-            )
-        )
+        made = self.server.broker(**settings)
         self.made.append(made)
         return made
 

@@ -15,7 +15,7 @@ import redis
 from infinite_chat.broker import BrokerUnavailable, Delivery, LogRead, RedisBroker, presence_entry
 from infinite_chat.broker import redis as redis_broker
 from infinite_chat.broker.redis import log_key, old_log_key
-from infinite_chat.config import Secret, Settings
+from infinite_chat.config import Settings
 from infinite_chat.protocol import message_body, parse_message_id
 from infinite_chat.rooms import Rooms
 from support.chat import eventually
@@ -53,14 +53,7 @@ class BrokerFactory:
         self.made: list[RedisBroker] = []
 
     def __call__(self, **settings: Any) -> RedisBroker:
-        made = RedisBroker(
-            Settings(
-                replica_name="broker-test",
-                redis_url=self.server.url,
-                redis_password=Secret(self.server.password),
-                **settings,
-            )
-        )
+        made = self.server.broker(**settings)
         self.made.append(made)
         return made
 
@@ -214,7 +207,7 @@ async def test_at_its_memory_limit_redis_drops_the_longest_idle_rooms_and_chat_g
     every message. (Redis tells idle times apart by the second, hence the pause.)"""
     big = "\U0001f600" * 2000  # the largest message, about 8 KB
     with started_redis(redis_image, REDIS_MAXMEMORY="16mb") as server:
-        chat = RedisBroker(Settings(replica_name="t", redis_url=server.url, redis_password=Secret(server.password)))
+        chat = server.broker()
         try:
             for n in range(12):
                 await asyncio.gather(*(say(chat, f"idle-{n:02d}", big) for _ in range(120)))
