@@ -45,3 +45,10 @@ def outbox(peer: Peer, *, interval: float = 0, limit: int = 1000, limit_bytes: i
     return Connection(
         peer, Flusher(interval), outbox_limit=limit, outbox_limit_bytes=limit_bytes, on_overflow=lambda _: None
     )
+
+
+async def settle() -> None:
+    """Lets what was just pushed, published or scheduled in this process run: a few passes of the event loop (no
+    socket and no Redis is involved, so nothing takes longer)."""
+    for _ in range(5):
+        await asyncio.sleep(0)

@@ -153,8 +153,12 @@ def test_nginx_access_log_is_json_with_the_upstream_and_its_time(stack: Stack, r
     assert entry["status"] == 200
     assert entry["upstream"] in addresses
     assert entry["upstream_status"] == "200"
-    # Seconds, as nginx measures them: the upstream's part of the request, within the whole.
-    assert 0 <= float(entry["upstream_response_time"]) <= float(entry["request_time"]) < 15
+    # Seconds, as nginx measures them: the upstream's part of the request, within the whole. nginx takes the two
+    # at millisecond resolution from its cached clock at different moments, so the part can show a millisecond or
+    # two more than the whole (seen once: 0.002 against 0.001).
+    upstream, whole = float(entry["upstream_response_time"]), float(entry["request_time"])
+    assert 0 <= upstream <= whole + 0.002
+    assert whole < 15
 
 
 def test_metrics_are_not_served_through_nginx(stack: Stack) -> None:

@@ -3,17 +3,16 @@ checks against Redis only as far as real time allows, here to the millisecond an
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from infinite_chat.broker import Delivery, MemoryBroker, presence_entry
+from infinite_chat.broker import MemoryBroker, presence_entry
 from infinite_chat.broker import memory as memory_module
 from infinite_chat.config import Settings
+from support.listening import Listener
+from support.peer import settle
 
 
 def broker(**settings: Any) -> MemoryBroker:
@@ -40,39 +39,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return fake
 
 
-class Listener:
-    """Hears the lobby, as the fan-out of a replica with a member there does."""
-
-    def __init__(self, chat: MemoryBroker) -> None:
-        self.chat = chat
-        self.got: list[Delivery] = []
-        self.subscribed = asyncio.Event()
-        self._stream: AsyncIterator[Delivery] = chat.listen(self._subscribed)
-        self._task = asyncio.create_task(self._run())
-
-    async def _subscribed(self) -> None:
-        self.subscribed.set()
-
-    async def ready(self) -> Listener:
-        await asyncio.wait_for(self.subscribed.wait(), 2)
-        await self.chat.subscribe("lobby")
-        return self
-
-    async def _run(self) -> None:
-        async for delivery in self._stream:
-            self.got.append(delivery)
-
-    async def settle(self) -> list[dict[str, Any]]:
-        for _ in range(5):
-            await asyncio.sleep(0)
-        return [json.loads(delivery.frame) for delivery in self.got]
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await self._task
-
-
 async def test_an_entry_is_online_until_its_ttl_has_passed_to_the_millisecond(clock: Clock) -> None:
     chat = broker(presence_ttl=20.0)
     await chat.join("lobby", presence_entry("c1", "alice"))
@@ -84,28 +50,31 @@ async def test_an_entry_is_online_until_its_ttl_has_passed_to_the_millisecond(cl
 
 async def test_renewed_entries_stay_for_as_long_as_they_are_renewed(clock: Clock) -> None:
     chat = broker(presence_ttl=20.0, presence_interval_ms=0)
-    listener = await Listener(chat).ready()
+    listener = await Listener(chat).ready("lobby")
     await chat.join("lobby", presence_entry("c1", "alice"))
     await chat.join("lobby", presence_entry("c2", "bob"))
     for _ in range(60):  # five minutes, bob renewed every 5 s
         clock.now += 5
         await chat.refresh("lobby", [presence_entry("c2", "bob")])
-    events = [(o["event"], o["name"], o["online"]) for o in await listener.settle()]
+    await settle()
+    events = [(o["event"], o["name"], o["online"]) for o in listener.objects("lobby")]
     assert events == [("join", "alice", ["alice"]), ("join", "bob", ["alice", "bob"]), ("leave", "alice", ["bob"])]
     await listener.stop()
 
 
 async def test_a_waiting_presence_change_goes_out_exactly_when_the_interval_ends(clock: Clock) -> None:
     chat = broker(presence_interval_ms=1000)
-    listener = await Listener(chat).ready()
+    listener = await Listener(chat).ready("lobby")
     await chat.join("lobby", presence_entry("c1", "alice"))
     await chat.join("lobby", presence_entry("c2", "bob"))
     clock.now += 0.999
     await chat._flush_presence("lobby")
-    assert len(await listener.settle()) == 1
+    await settle()
+    assert len(listener.objects("lobby")) == 1
     clock.now += 0.001
     await chat._flush_presence("lobby")
-    assert [o["online"] for o in await listener.settle()] == [["alice"], ["alice", "bob"]]
+    await settle()
+    assert [o["online"] for o in listener.objects("lobby")] == [["alice"], ["alice", "bob"]]
     await chat.close()
     await listener.stop()
 

@@ -4,6 +4,7 @@ and given up on when the client does not take it."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -11,16 +12,12 @@ from infinite_chat import connection as connection_module
 from infinite_chat.broker import Delivery
 from infinite_chat.connection import Connection, Flusher
 from infinite_chat.protocol import CloseCode
-from support.peer import Peer, outbox
+from support.chat import eventually
+from support.peer import Peer, outbox, settle
 
 
 def message(n: int, size: int = 10) -> Delivery:
     return Delivery("lobby", (1, n), b"x" * size)
-
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
 
 
 async def test_what_waits_goes_out_in_order_as_one_frame_per_flush() -> None:
@@ -40,11 +37,13 @@ async def test_under_load_a_connection_is_written_at_most_once_per_interval() ->
     connection.push(message(0))
     await settle()
     assert len(sink.written) == 1  # quiet: at once
+    quiet_write = time.monotonic()
     connection.push(message(1))
     connection.push(message(2))
     await settle()
     assert len(sink.written) == 1  # busy: waits for the interval...
-    await asyncio.sleep(0.06)
+    await eventually(lambda: len(sink.written) == 2, timeout=5, what="the flush after the interval")
+    assert time.monotonic() - quiet_write >= 0.04  # ...not before it...
     assert len(sink.written) == 2  # ...then both in one frame
     assert sink.written[1] == b"x" * 10 + b"\n" + b"x" * 10
 

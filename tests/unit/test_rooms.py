@@ -16,7 +16,7 @@ from infinite_chat.protocol import CloseCode, message_body, parse_message_id
 from infinite_chat.rooms import Rooms, Stage
 from infinite_chat.session import Session
 from support.chat import eventually
-from support.peer import Peer, outbox
+from support.peer import Peer, outbox, settle
 
 
 def setup(**settings: object) -> tuple[Rooms, MemoryBroker]:
@@ -26,11 +26,6 @@ def setup(**settings: object) -> tuple[Rooms, MemoryBroker]:
 
 def message(n: int) -> Delivery:
     return Delivery("lobby", (100, n), f'{{"n":{n}}}'.encode())
-
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
 
 
 async def test_a_joining_member_gets_its_welcome_then_what_followed_its_history_once() -> None:

@@ -50,6 +50,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import CloseConnection, Event, Message, TextMessage
 
 from . import metrics
+from .config import Settings
 from .protocol import CloseCode
 from .ratelimit import TokenBucket
 
@@ -72,7 +73,7 @@ def check_versions(installed: Callable[[str], str] = metadata.version) -> None:
         )
 
 
-def install(frame_rate: float = 20.0, frame_burst: int = 60) -> None:
+def install(frame_rate: float, frame_burst: int) -> None:
     """Checks the versions, then installs the reading limits and fixes (idempotent)."""
     check_versions()
     harden_websocket_reading(frame_rate, frame_burst)
@@ -93,8 +94,8 @@ def _extend_within_limit(self: ws_stream.WebsocketBuffer, event: Message) -> Non
 class _FrameRate:
     """The per-connection frame rate, set once at start by install."""
 
-    rate = 20.0
-    burst = 60
+    rate = Settings.frame_rate
+    burst = Settings.frame_burst
 
 
 class _HardenedConnection(Connection):
@@ -137,7 +138,7 @@ def _whole_frame(event: Event) -> bool:
     return not isinstance(event, CloseConnection)
 
 
-def harden_websocket_reading(frame_rate: float = 20.0, frame_burst: int = 60) -> None:
+def harden_websocket_reading(frame_rate: float = Settings.frame_rate, frame_burst: int = Settings.frame_burst) -> None:
     """Installs the limits and fixes (idempotent)."""
     _FrameRate.rate, _FrameRate.burst = frame_rate, frame_burst
     if ws_stream.WebsocketBuffer.extend is not _extend_within_limit:
