@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Collection
 from typing import Any
 
 from infinite_chat.broker import Broker, Delivery
@@ -20,7 +21,7 @@ class Listener:
         self.subscriptions = 0
         self._task = asyncio.create_task(self._run())
 
-    async def _on_subscribed(self) -> None:
+    async def _on_subscribed(self, rooms: Collection[str]) -> None:
         self.subscriptions += 1
 
     async def _run(self) -> None:

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from typing import Any
 
 import pytest
 import redis
 
 from infinite_chat.broker import BrokerUnavailable, Delivery, LogRead, RedisBroker, presence_entry
-from infinite_chat.broker import redis as redis_broker
-from infinite_chat.broker.redis import log_key, old_log_key
+from infinite_chat.broker.keys import log_key, old_log_key
+from infinite_chat.broker.subscriptions import Backoff
 from infinite_chat.config import Settings
 from infinite_chat.protocol import message_body, parse_message_id
 from infinite_chat.rooms import Rooms
@@ -92,16 +92,16 @@ async def test_what_is_published_while_the_subscription_is_lost_is_caught_up_fro
     brokers: BrokerFactory, room: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Half a second before each new subscription: what is said in between cannot come by pub/sub.
-    monkeypatch.setattr(redis_broker.Backoff, "next_delay", lambda self: 0.5)
+    monkeypatch.setattr(Backoff, "next_delay", lambda self: 0.5)
     replica, other = brokers(), brokers()
     rooms = Rooms(replica, replica.settings)
     peer = Peer()
     subscriptions = 0
     fill_gaps = rooms.fill_gaps
 
-    async def counting_fill_gaps() -> None:
+    async def counting_fill_gaps(names: Collection[str] | None = None) -> None:
         nonlocal subscriptions
-        await fill_gaps()
+        await fill_gaps(names)
         subscriptions += 1
 
     rooms.fill_gaps = counting_fill_gaps  # type: ignore[method-assign]
@@ -130,12 +130,12 @@ async def test_what_is_published_while_the_subscription_is_lost_is_caught_up_fro
 async def test_a_room_asked_for_while_the_subscription_is_down_is_heard_once_it_is_back(
     brokers: BrokerFactory, room: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(redis_broker.Backoff, "next_delay", lambda self: 1.0)
+    monkeypatch.setattr(Backoff, "next_delay", lambda self: 1.0)
     chat, other = brokers(), brokers()
     listener = await Listener(chat).ready(room)
     admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port, password=redis_server.password)
     assert await admin.client_kill_filter(_type="pubsub") >= 1
-    await eventually(lambda: chat._pubsub is None, timeout=10, what="the loss noticed")
+    await eventually(lambda: not chat.subscriptions.connected(), timeout=10, what="the loss noticed")
     # While the subscription is down: a join's subscribe waits for it, and returns once it is back.
     later = f"{room}-later"
     await chat.subscribe(later)
@@ -146,7 +146,7 @@ async def test_a_room_asked_for_while_the_subscription_is_down_is_heard_once_it_
         lambda: listener.objects(room) and listener.objects(later), timeout=10, what="both rooms heard again"
     )
     # One connection for every room of the replica.
-    channels = await admin.pubsub_channels(f"chat:{{{room}*")
+    channels = await admin.pubsub_shardchannels(f"chat:{{{room}*")
     assert sorted(channels) == sorted([f"chat:{{{room}}}:channel".encode(), f"chat:{{{later}}}:channel".encode()])
     assert len(await admin.client_list(_type="pubsub")) == 1
     await admin.aclose()

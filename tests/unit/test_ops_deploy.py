@@ -37,6 +37,7 @@ SAMPLE_VALUES = {
     "AWS_REGION": "eu-west-1",
     "LOG_GROUP": "/ecs/infinite-chat",
     "REDIS_ENDPOINT": "master.chat.abc123.euw1.cache.amazonaws.com:6379",
+    "REDIS_CLUSTER": "false",
     "REDIS_PASSWORD_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:infinite-chat/redis-AbCdEf",
     "EXECUTION_ROLE_ARN": "arn:aws:iam::123456789012:role/infinite-chat-execution",
     "CPU_ARCHITECTURE": "ARM64",
@@ -232,6 +233,7 @@ def test_the_values_set_are_accepted_by_the_replica(web: dict[str, Any]) -> None
     env = {item["name"]: item["value"] for item in web["environment"]}
     env["REDIS_ENDPOINT"] = SAMPLE_VALUES["REDIS_ENDPOINT"]
     env["REDIS_URL"] = env["REDIS_URL"].replace("${REDIS_ENDPOINT}", SAMPLE_VALUES["REDIS_ENDPOINT"])
+    env["REDIS_CLUSTER"] = SAMPLE_VALUES["REDIS_CLUSTER"]
     settings = Settings.from_env({**env, "REDIS_PASSWORD": "from-secrets-manager"})
     assert settings.redis_url is not None
     assert settings.redis_url.startswith("rediss://")

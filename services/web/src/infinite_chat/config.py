@@ -44,6 +44,8 @@ class Settings:
     port: int = 8000
     # No URL: a single replica with an in-memory broker, for local hacking and unit tests.
     redis_url: str | None = None
+    # REDIS_URL names one node of a Redis Cluster (any: the client learns the rest), not a standalone Redis.
+    redis_cluster: bool = False
     redis_password: Secret = field(default_factory=lambda: Secret(""))
     # Extra CA for rediss:// (a private CA in tests; ElastiCache certificates chain to public CAs).
     redis_ca_file: str | None = None
@@ -100,6 +102,7 @@ class Settings:
             replica_name=env.get("REPLICA_NAME") or defaults.replica_name,
             port=_int(env, "PORT", defaults.port, low=1, high=65535),
             redis_url=env.get("REDIS_URL") or None,
+            redis_cluster=_choice(env, "REDIS_CLUSTER", "false", {"true", "false"}) == "true",
             redis_password=Secret(_password(env)),
             redis_ca_file=env.get("REDIS_CA_FILE") or None,
             history_size=_int(env, "HISTORY_SIZE", defaults.history_size, low=1, high=100),

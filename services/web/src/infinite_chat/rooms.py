@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from .broker import Broker, BrokerUnavailable, Delivery, presence_entry
 from .config import Settings
@@ -201,12 +201,14 @@ class Rooms:
                     room.joining.discard(member)
                     room.live.add(member.connection)
 
-    async def fill_gaps(self) -> None:
-        """Run after every (re)subscription: what was published while this replica was not listening, within the
-        same bound as a resume. Members of a room whose gap is larger (or whose position left the log) are closed
-        with 1013 after what could be read: each then resumes on its own, from what it holds."""
+    async def fill_gaps(self, names: Collection[str] | None = None) -> None:
+        """Run after every (re)subscription of these rooms (None: all): what was published while this replica was
+        not listening, within the same bound as a resume. Members of a room whose gap is larger (or whose position
+        left the log) are closed with 1013 after what could be read: each then resumes on its own, from what it
+        holds."""
         settings = self.settings
-        for room in self:
+        chosen = list(self) if names is None else [self._rooms[name] for name in names if name in self._rooms]
+        for room in chosen:
             if not room.members:
                 continue  # unsubscribing soon; whoever joins it reads its own history
             read = await self.broker.read_after(

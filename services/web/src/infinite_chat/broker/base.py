@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from ..config import Settings
@@ -74,7 +74,9 @@ def presence_entry(connection_id: str, name: str) -> str:
     return f"{connection_id}|{name}"
 
 
-OnSubscribed = Callable[[], Awaitable[None]]
+# Called with the rooms whose subscription was just made again (after a lost connection, or on another node after a
+# failover): the replica fetches what they missed from their logs.
+OnSubscribed = Callable[[Collection[str]], Awaitable[None]]
 
 
 class Log(ABC):
@@ -111,8 +113,8 @@ class Log(ABC):
     @abstractmethod
     def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
         """Everything published in the subscribed rooms (messages and presence events), each room in its order,
-        forever. After each (re)subscription and before the next delivery it awaits `on_subscribed`, which is where
-        a replica fetches what it missed."""
+        forever. After each (re)subscription, and before the next delivery of the rooms it made, it awaits
+        `on_subscribed` with those rooms, which is where a replica fetches what they missed."""
 
 
 class Presence(ABC):

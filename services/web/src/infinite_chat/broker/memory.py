@@ -193,7 +193,7 @@ class MemoryBroker(Broker):
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._listeners.add(queue)
         try:
-            await on_subscribed()
+            await on_subscribed(set(self._heard))
             while True:
                 yield await queue.get()
         finally:

@@ -3,18 +3,16 @@ allowance (a hash), and a channel per room.
 
 A message is appended to its room's stream and published on the room's channel in a single Lua script
 (lua/append.lua), so it is stored before anyone sees it and every replica hearing the room gets its messages in log
-order. A replica subscribes to the channels of the rooms it has members in, all on one connection; after a lost
-subscription it reads each room's log from the last id it had, so an outage loses nothing. Every key of a room
-carries the room in a hash tag (`chat:{lobby}:log`), so that a room's keys and channel are in one slot.
-Key layout: docs/architecture.md.
+order. A replica subscribes to the channels of the rooms it has members in, one connection per node
+(subscriptions.py); after a lost subscription it reads each room's log from the last id it had, so an outage loses
+nothing. The same code runs on a standalone Redis and on a Redis Cluster (REDIS_CLUSTER): only the client differs,
+and every key of a room carries the room in a hash tag, so that a room's keys and channel are in one slot (keys.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from importlib.resources import files
@@ -22,7 +20,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as redis
-from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
@@ -42,60 +40,10 @@ from .base import (
     QuotaRefusal,
     message_delivery,
 )
+from .keys import channel_key, log_key, old_log_key, online_key, presence_key, quota_key
+from .subscriptions import ClusterTopology, OneServer, Subscriptions, Topology
 
 log = logging.getLogger(__name__)
-# The subscription's own channel, on which nothing is published: it keeps the connection subscribed (and so
-# watched) while this replica has no room.
-LISTENING = "chat:listening"
-# How long a join waits for Redis to confirm its room's subscription before it is told the chat is unavailable.
-SUBSCRIBE_TIMEOUT = 5.0
-
-
-def log_key(room: str) -> str:
-    return f"chat:{{{room}}}:log"
-
-
-def online_key(room: str) -> str:
-    return f"chat:{{{room}}}:online"
-
-
-def presence_key(room: str) -> str:
-    """When the room's last presence event went out, and the change waiting for the next one (if any)."""
-    return f"chat:{{{room}}}:presence"
-
-
-def channel_key(room: str) -> str:
-    return f"chat:{{{room}}}:channel"
-
-
-def room_of_channel(channel: bytes) -> str:
-    return channel.decode()[len("chat:{") : -len("}:channel")]
-
-
-def old_log_key(room: str) -> str:
-    """Where a room's log was before its keys had a hash tag (up to the release with issue 12)."""
-    return f"chat:room:{room}:log"
-
-
-def quota_key(address: str) -> str:
-    return f"chat:address:{address}:quota"
-
-
-class Backoff:
-    """Exponential backoff with full jitter, so that replicas do not reconnect in step."""
-
-    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
-        self.first = first
-        self.cap = cap
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.cap, self.first * 2**self.attempt)
-        self.attempt += 1
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def _script(name: str) -> str:
@@ -106,33 +54,53 @@ class RedisBroker(Broker):
     def __init__(self, settings: Settings) -> None:
         assert settings.redis_url is not None
         super().__init__(settings)
-        options: dict[str, object] = {
+        options: dict[str, Any] = {
             "password": settings.redis_password.reveal() or None,
             # Frames stay bytes from Redis to the socket: nothing is decoded that is not looked at.
             "decode_responses": False,
             "socket_connect_timeout": 2.0,
             "socket_keepalive": True,
-            "health_check_interval": 15,
+            # Never retry behind our back: a retried append whose first try did reach Redis would store it twice.
+            # (A cluster's MOVED and ASK are followed all the same: a redirected command did not run.)
+            "retry": Retry(NoBackoff(), 0),
         }
         if settings.redis_url.startswith("rediss://"):
             options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
             if settings.redis_ca_file:
                 options["ssl_ca_certs"] = settings.redis_ca_file
-        # Never retry behind our back: a retried append whose first try did reach Redis would store it twice.
-        no_retry = Retry(NoBackoff(), 0)
-        pool = redis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=64, timeout=5, socket_timeout=5.0, retry=no_retry, **options
-        )
-        self.redis = redis.Redis.from_pool(pool)
-        # The subscriber waits for messages indefinitely: a connection of its own, without a read timeout.
-        listener_pool = redis.ConnectionPool.from_url(
-            settings.redis_url, max_connections=2, socket_timeout=None, retry=no_retry, **options
-        )
-        self.listener = redis.Redis.from_pool(listener_pool)
-        # Each room asked for, and whether Redis has confirmed its subscription (set) or not yet (a new future).
-        self._heard: dict[str, asyncio.Future[None]] = {}
-        # The subscription connection while it is up and subscribed; None while it is (re)connecting.
-        self._pubsub: PubSub | None = None
+        # The subscriptions wait for messages indefinitely: connections of their own, without a read timeout.
+        listening = {**options, "socket_timeout": None, "health_check_interval": 15}
+        topology: Topology
+        if settings.redis_cluster:
+            # Any node's URL will do: the client learns the others from it. A node that is down or has failed over
+            # answers nothing for its slots, so no full coverage is required: the other nodes' rooms go on.
+            cluster = RedisCluster.from_url(
+                settings.redis_url,
+                require_full_coverage=False,
+                max_connections=64,
+                socket_timeout=5.0,
+                **options,
+            )
+            self.redis: redis.Redis | RedisCluster = cluster
+            tls = settings.redis_url.startswith("rediss://")
+
+            def connect(host: str, port: int) -> redis.Redis:
+                return redis.Redis(host=host, port=port, ssl=tls, **listening)
+
+            topology = ClusterTopology(cluster, connect)
+        else:
+            pool = redis.BlockingConnectionPool.from_url(
+                settings.redis_url,
+                max_connections=64,
+                timeout=5,
+                socket_timeout=5.0,
+                health_check_interval=15,
+                **options,
+            )
+            self.redis = redis.Redis.from_pool(pool)
+            listener_pool = redis.ConnectionPool.from_url(settings.redis_url, max_connections=2, **listening)
+            topology = OneServer(self.redis, redis.Redis.from_pool(listener_pool))
+        self.subscriptions = Subscriptions(topology, _parse_published)
         self._append = self.redis.register_script(_script("append.lua"))
         self._migrate = self.redis.register_script(_script("migrate.lua"))
         self._presence_script = self.redis.register_script(_script("presence.lua"))
@@ -141,12 +109,17 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         self._stop_presence_flushes()
+        await self.subscriptions.close()
         await self.redis.aclose()
-        await self.listener.aclose()
 
     async def ping(self) -> None:
         try:
-            await asyncio.wait_for(self.redis.ping(), 2.0)
+            if isinstance(self.redis, RedisCluster):
+                # Whether this replica reaches the cluster, not every node of it: one node failing over must not
+                # make every replica unready.
+                await asyncio.wait_for(self.redis.ping(target_nodes=RedisCluster.DEFAULT_NODE), 2.0)
+            else:
+                await asyncio.wait_for(self.redis.ping(), 2.0)
         except (RedisError, OSError, TimeoutError) as error:
             raise _unavailable(error) from None
 
@@ -245,96 +218,16 @@ class RedisBroker(Broker):
         return Online(names, int(count)), int(wait)
 
     async def subscribe(self, room: str) -> None:
-        heard = self._heard.get(room)
-        if heard is None:
-            heard = self._heard[room] = asyncio.get_running_loop().create_future()
-            pubsub = self._pubsub
-            if pubsub is not None:
-                # Confirmed by `listen`, which reads the subscription's replies. If the connection has just gone,
-                # `listen` asks again for every room once it is back.
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.subscribe(channel_key(room))
-        try:
-            await asyncio.wait_for(asyncio.shield(heard), SUBSCRIBE_TIMEOUT)
-        except TimeoutError:
-            raise BrokerUnavailable("the room's subscription was not confirmed in time") from None
+        await self.subscriptions.subscribe(room)
 
     async def unsubscribe(self, room: str) -> None:
-        heard = self._heard.pop(room, None)
-        if heard is not None and not heard.done():
-            heard.set_exception(BrokerUnavailable("unsubscribed"))
-            heard.exception()  # nobody need look: whoever waited has left the room
-        pubsub = self._pubsub
-        if heard is not None and pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.unsubscribe(channel_key(room))
+        await self.subscriptions.unsubscribe(room)
 
     def subscribed(self) -> set[str]:
-        return set(self._heard)
+        return set(self.subscriptions.heard)
 
-    async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
-        backoff = Backoff()
-        while True:
-            pubsub = self.listener.pubsub()
-            try:
-                rooms = list(self._heard)
-                waiting = {LISTENING.encode(), *(channel_key(room).encode() for room in rooms)}
-                await pubsub.subscribe(*waiting)
-                # Read the confirmations, and only then catch up on the logs, so that nothing published is lost.
-                # (Redis confirms every channel of one SUBSCRIBE before anything published on them; whatever
-                # else comes first is kept for after the catch-up, where it is dropped if the catch-up had it.)
-                early: list[Delivery] = []
-                while waiting:
-                    reply = await pubsub.get_message(timeout=5.0)
-                    if reply is None:
-                        continue
-                    if reply["type"] == "message":
-                        early.append(_parse_published(reply["data"]))
-                    elif reply["type"] == "subscribe":
-                        waiting.discard(reply["channel"])
-                        self._confirmed(reply)
-                self._pubsub = pubsub
-                # Rooms asked for while this connection was being made: ask now (confirmed in the loop below).
-                later = [room for room in self._heard if room not in rooms]
-                if later:
-                    await pubsub.subscribe(*(channel_key(room) for room in later))
-                # A command that finished on the old server just as it went away may have put its connection back.
-                await self._drop_idle_connections()
-                await on_subscribed()
-                backoff.reset()
-                log.info("fan-out subscribed", extra={"event": "redis_subscribed", "rooms": len(self._heard)})
-                for delivery in early:
-                    metrics.FANOUT_RECEIVED.inc()
-                    yield delivery
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        metrics.FANOUT_RECEIVED.inc()
-                        yield _parse_published(message["data"])
-                    else:
-                        self._confirmed(message)
-            except (RedisError, OSError, BrokerUnavailable) as error:
-                metrics.REDIS_ERRORS.labels("subscribe").inc()
-                log.warning("fan-out subscription lost: %s", type(error).__name__, extra={"event": "redis_lost"})
-                await self._drop_idle_connections()
-            finally:
-                self._pubsub = None
-                # Nothing is confirmed any more: joins from now on wait for the next subscription.
-                loop = asyncio.get_running_loop()
-                for room, heard in self._heard.items():
-                    if heard.done():
-                        self._heard[room] = loop.create_future()
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            metrics.REDIS_RECONNECTS.inc()
-            await asyncio.sleep(backoff.next_delay())
-
-    def _confirmed(self, reply: dict[str, Any]) -> None:
-        """A subscription reply: the room's joins may read its history now."""
-        if reply["type"] != "subscribe" or reply["channel"] == LISTENING.encode():
-            return
-        heard = self._heard.get(room_of_channel(reply["channel"]))
-        if heard is not None and not heard.done():
-            heard.set_result(None)
+    def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
+        return self.subscriptions.listen(on_subscribed)
 
     async def migrate(self) -> None:
         """Moves the logs of the key layout before hash tags to the current one, once: each replica runs it at
@@ -357,17 +250,6 @@ class RedisBroker(Broker):
             raise _unavailable(error) from None
         if moved or kept:
             log.info("moved %d room logs to the new key layout", moved, extra={"event": "migrated", "kept": kept})
-
-    async def _drop_idle_connections(self) -> None:
-        """Closes the command pool's idle connections: they may lead to a Redis that is gone.
-
-        Redis closing a connection (a restart, a failover, a cut) is not noticed on an idle pooled one: redis-py hands
-        it out and the next command on it fails, and with no retry (see __init__) that is one user's message or join
-        refused per idle connection, long after Redis is back. The subscription notices at once, so when it is lost
-        (and again once it is back) the idle connections go, and the next commands open fresh ones.
-        """
-        with contextlib.suppress(RedisError, OSError):
-            await self.redis.connection_pool.disconnect(inuse_connections=False)
 
 
 def _deliveries(room: str, entries: Any) -> list[Delivery]:

@@ -8,5 +8,5 @@
 -- ARGV[5]  seconds without a message after which the log is dropped
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'b', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\n' .. id .. '\n' .. ARGV[1])
+redis.call('SPUBLISH', ARGV[3], ARGV[4] .. '\n' .. id .. '\n' .. ARGV[1])
 return id

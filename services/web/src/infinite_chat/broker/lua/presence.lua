@@ -96,7 +96,7 @@ if state[2] == '1' then
   if now - at >= interval then
     local names, count = online()
     -- The fields, not the frame: each replica builds the presence object (protocol.py) as it hears this.
-    redis.call('PUBLISH', channel, room .. '\n\n' .. state[3] .. '\n' .. state[4] .. '\n' .. count .. '\n'
+    redis.call('SPUBLISH', channel, room .. '\n\n' .. state[3] .. '\n' .. state[4] .. '\n' .. count .. '\n'
       .. encode_names(names))
     redis.call('HSET', events, 'at', now, 'due', '0')
   else

@@ -1,0 +1,55 @@
+"""Where the chat keeps things in Redis: every key and channel name, in one place (docs/architecture.md, "Key
+layout").
+
+Every key of a room carries the room in a hash tag (`chat:{lobby}:log`), so that a room's log, presence and channel
+are in one cluster slot: the append script (store and publish) and the presence script run on one node.
+"""
+
+from __future__ import annotations
+
+from redis.crc import key_slot
+
+
+def log_key(room: str) -> str:
+    return f"chat:{{{room}}}:log"
+
+
+def online_key(room: str) -> str:
+    return f"chat:{{{room}}}:online"
+
+
+def presence_key(room: str) -> str:
+    """When the room's last presence event went out, and the change waiting for the next one (if any)."""
+    return f"chat:{{{room}}}:presence"
+
+
+def channel_key(room: str) -> str:
+    return f"chat:{{{room}}}:channel"
+
+
+def room_of_channel(channel: bytes) -> str:
+    return channel.decode()[len("chat:{") : -len("}:channel")]
+
+
+def listening_key(tag: int) -> str:
+    """A channel on which nothing is published. Each subscription connection holds one (on a cluster, one whose
+    slot its node serves), so that the connection stays subscribed, and watched, while it carries no room."""
+    return f"chat:listening:{{{tag}}}"
+
+
+def is_listening_key(channel: bytes) -> bool:
+    return channel.startswith(b"chat:listening:")
+
+
+def old_log_key(room: str) -> str:
+    """Where a room's log was before its keys had a hash tag (up to the release with issue 12)."""
+    return f"chat:room:{room}:log"
+
+
+def quota_key(address: str) -> str:
+    return f"chat:address:{address}:quota"
+
+
+def slot_of(key: str | bytes) -> int:
+    """The cluster slot of a key or shard channel (Redis's CRC16 of its hash tag)."""
+    return key_slot(key.encode() if isinstance(key, str) else key)
