@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -90,3 +91,145 @@ def started_redis(image: str, **environment: str) -> Iterator[RedisServer]:
     finally:
         testcontainers_config.ryuk_disabled = saved
         container.stop()
+
+
+@dataclass
+class ClusterServer:
+    """A Redis Cluster of three primaries with a replica each, of the project's image, on this machine's loopback
+    (host networking: each node on a port of its own, its cluster bus on that port + 10000)."""
+
+    containers: dict[int, DockerContainer]  # by port
+    password: str
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{min(self.containers)}"
+
+    def broker(self, **settings: Any) -> RedisBroker:
+        """A RedisBroker in cluster mode, seeded with the first node, as a replica would have one."""
+        return RedisBroker(
+            Settings(
+                replica_name="broker-test",
+                redis_url=self.url,
+                redis_cluster=True,
+                redis_password=Secret(self.password),
+                **settings,
+            )
+        )
+
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=2)
+
+    def primaries(self) -> dict[int, list[tuple[int, int]]]:
+        """Port of each primary -> the slot ranges it serves."""
+        for port in self.containers:
+            with contextlib.suppress(redis.RedisError), self.client(port) as client:
+                served: dict[int, list[tuple[int, int]]] = {}
+                for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+                    served.setdefault(int(primary[1]), []).append((int(start), int(end)))
+                return served
+        raise AssertionError("no node of the cluster answers")
+
+    def owner(self, slot: int) -> int:
+        return next(port for port, ranges in self.primaries().items() if any(a <= slot <= b for a, b in ranges))
+
+    def kill(self, port: int) -> None:
+        subprocess.run(["docker", "kill", self.containers[port].get_wrapped_container().id], check=True, timeout=60)
+
+    def start(self, port: int) -> None:
+        subprocess.run(["docker", "start", self.containers[port].get_wrapped_container().id], check=True, timeout=60)
+
+    def wait_ok(self, timeout: float = 60) -> None:
+        """Until every node that runs says the cluster is ok and all slots have a primary, and every replica is in
+        sync with its primary (one that never was would not take over: its data counts as too old)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = []
+            for port in self.containers:
+                try:
+                    with self.client(port) as client:
+                        cluster = client.execute_command("CLUSTER INFO")
+                        replication = client.info("replication")
+                        states.append(
+                            cluster["cluster_state"] == "ok"
+                            and int(cluster["cluster_slots_ok"]) == 16384
+                            and (replication["role"] == "master" or replication.get("master_link_status") == "up")
+                        )
+                except redis.RedisError:
+                    continue
+            if states and all(states):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the cluster is not ok after {timeout}s")
+            time.sleep(0.2)
+
+
+def cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus port (+10000) is free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port + 10000 > 65535 or port in ports:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+@contextlib.contextmanager
+def started_cluster(image: str) -> Iterator[ClusterServer]:
+    """Six nodes of that image made into a cluster (three primaries, a replica each), stopped afterwards. The
+    hardened configuration of the image, plus the cluster settings of the Compose cluster profile."""
+    password = secrets.token_hex(16)
+    ports = cluster_ports(6)
+    containers: dict[int, DockerContainer] = {}
+    saved = testcontainers_config.ryuk_disabled
+    testcontainers_config.ryuk_disabled = True
+    try:
+        for port in ports:
+            # The password on the command line: a throwaway one, for a test cluster on the loopback.
+            container = (
+                DockerContainer(image)
+                .with_kwargs(network_mode="host", entrypoint="redis-server")
+                .with_command(
+                    [
+                        "/etc/redis/infinite-chat.conf",
+                        *("--bind", "127.0.0.1", "--port", str(port), "--requirepass", password),
+                        *("--masterauth", password, "--cluster-enabled", "yes", "--cluster-node-timeout", "2000"),
+                        *("--cluster-require-full-coverage", "no", "--cluster-config-file", f"nodes-{port}.conf"),
+                    ]
+                )
+            )
+            containers[port] = container
+            container.start()
+        server = ClusterServer(containers, password)
+        for port in ports:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with server.client(port) as client:
+                        client.ping()
+                    break
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        first = containers[ports[0]].get_wrapped_container().id
+        create = ["--cluster", "create", *(f"127.0.0.1:{port}" for port in ports), "--cluster-replicas", "1"]
+        subprocess.run(
+            ["docker", "exec", "-e", f"REDISCLI_AUTH={password}", first, "redis-cli", *create, "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        server.wait_ok()
+        yield server
+    finally:
+        testcontainers_config.ryuk_disabled = saved
+        for container in containers.values():
+            with contextlib.suppress(Exception):
+                container.stop()

@@ -1,7 +1,9 @@
-"""One contract for both brokers: every test here runs against the in-memory twin (MemoryBroker) and against a real
-Redis (RedisBroker, the project's own image through testcontainers), so that the twin the unit tests use cannot
-drift from what the Lua scripts do. What only Redis has (subscriptions lost and found, restarts, trimming by stream
-node, eviction) is in test_redis_broker.py.
+"""One contract for both brokers: every test here runs against the in-memory twin (MemoryBroker), against a real
+Redis (RedisBroker, the project's own image through testcontainers) and against a real Redis Cluster of that image
+(RedisBroker in cluster mode: three primaries with a replica each), so that the twin the unit tests use cannot drift
+from what the Lua scripts do, and a cluster behaves as one Redis does. What only Redis has (subscriptions lost and
+found, restarts, trimming by stream node, eviction) is in test_redis_broker.py, and a cluster's failover in
+test_redis_cluster_broker.py.
 
 For Redis, each call of `brokers()` is a broker of its own, as each replica has; the twin has no Redis to share, so
 there it is one broker for the test, which is what one replica alone sees."""
@@ -22,19 +24,31 @@ from infinite_chat.config import Settings
 from infinite_chat.protocol import message_body, message_frame, parse_message_id
 from support.chat import eventually, eventually_async
 from support.listening import Listener
-from support.redis_server import RedisServer, redis_image_built, started_redis
+from support.redis_server import ClusterServer, RedisServer, redis_image_built, started_cluster, started_redis
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with redis_image_built() as image, started_redis(image) as server:
+def redis_image() -> Iterator[str]:
+    with redis_image_built() as image:
+        yield image
+
+
+@pytest.fixture(scope="module")
+def redis_server(redis_image: str) -> Iterator[RedisServer]:
+    with started_redis(redis_image) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(redis_image: str) -> Iterator[ClusterServer]:
+    with started_cluster(redis_image) as server:
         yield server
 
 
 class Brokers:
     """Makes the brokers of one test, of one kind."""
 
-    def __init__(self, kind: str, server: RedisServer | None) -> None:
+    def __init__(self, kind: str, server: RedisServer | ClusterServer | None) -> None:
         self.kind = kind
         self.server = server
         self.made: list[Broker] = []
@@ -54,9 +68,10 @@ class Brokers:
         return made
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[Brokers]:
-    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    fixture = {"memory": None, "redis": "redis_server", "cluster": "redis_cluster"}[request.param]
+    server = request.getfixturevalue(fixture) if fixture else None
     factory = Brokers(request.param, server)
     yield factory
     for made in factory.made:
