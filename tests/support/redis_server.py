@@ -133,6 +133,22 @@ class ClusterServer:
     def owner(self, slot: int) -> int:
         return next(port for port, ranges in self.primaries().items() if any(a <= slot <= b for a, b in ranges))
 
+    def move_slot(self, slot: int, to: int) -> None:
+        """Moves one slot, and its keys, from the primary that serves it to the primary on port `to`, as
+        `redis-cli --cluster reshard` does (IMPORTING, MIGRATING, MIGRATE, then SETSLOT NODE on every primary)."""
+        source = self.owner(slot)
+        with self.client(source) as old, self.client(to) as new:
+            old_id, new_id = old.execute_command("CLUSTER MYID"), new.execute_command("CLUSTER MYID")
+            new.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", old_id)
+            old.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", new_id)
+            while keys := old.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                old.execute_command("MIGRATE", "127.0.0.1", to, "", 0, 5000, "AUTH", self.password, "KEYS", *keys)
+            new.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
+            old.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
+        for port in self.primaries():
+            with self.client(port) as client:
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", new_id)
+
     def kill(self, port: int) -> None:
         subprocess.run(["docker", "kill", self.containers[port].get_wrapped_container().id], check=True, timeout=60)
 

@@ -141,3 +141,30 @@ async def test_a_primary_failing_over_interrupts_only_its_own_rooms_and_they_res
         fan_out.cancel()
         cluster.start(victim)
         cluster.wait_ok()
+
+
+async def test_a_room_whose_slot_moves_to_another_primary_is_followed_there_with_nothing_missed(
+    cluster: ClusterServer, brokers: list[RedisBroker]
+) -> None:
+    replica, sender = brokers
+    primaries = sorted(cluster.primaries())
+    room = room_on(cluster, primaries[0])
+    slot = slot_of(log_key(room))
+    hall = Rooms(replica, replica.settings)
+    fan_out = asyncio.create_task(hall.fan_out())
+    peer = Peer()
+    member = hall.enter(room, outbox(peer), "bob")
+    await hall.hear(member)
+    hall.welcome(member, b"welcome", None)
+    said = [await sender.append(room, message_body(room, "alice", f"before {n}", None)) for n in range(3)]
+    await eventually(lambda: len(peer.objects) == 4, timeout=10, what="the first three")
+    # Redis ends the subscription by itself (sunsubscribe) when the slot leaves its node: the replica follows the
+    # room to the new node and catches up from the log, which moved with the slot.
+    cluster.move_slot(slot, primaries[1])
+    for n in range(3):
+        said.append(await sender.append(room, message_body(room, "alice", f"after {n}", None)))
+    await eventually(lambda: len(peer.objects) == 7, timeout=15, what="the three after the move")
+    assert [json.loads(o)["id"] for o in peer.objects[1:]] == said
+    with cluster.client(primaries[1]) as client:
+        assert dict(client.pubsub_shardnumsub(channel_key(room))) == {channel_key(room).encode(): 1}
+    fan_out.cancel()
