@@ -170,7 +170,7 @@ class StormPoll:
 @dataclass(frozen=True, slots=True)
 class StormProgress:
     live: int  # clients welcomed and open now
-    clients: int
+    clients: int  # clients that were live when the storm was armed (one that never connected is not waited for)
     reconnecting: int  # clients waiting for or trying a reconnect
     last_presence_ns: int  # when the last frame holding a presence event arrived (0: none since armed)
     last_welcome_ns: int  # when the last reconnect was welcomed (0: none)
@@ -318,6 +318,7 @@ class Worker:
         self.track_ids = setup.track_ids
         # the storm: reconnecting closed clients, counting what every client receives
         self.storm: StormArm | None = None
+        self.storm_members = 0
         self.counting = False
         self.traffic = Traffic()
         self.last_presence_ns = 0
@@ -709,6 +710,7 @@ class Worker:
 
     def arm(self, command: StormArm) -> None:
         self.storm = command
+        self.storm_members = sum(1 for c in self.clients if c.ready)
         self.rng = random.Random(command.seed * 1000 + self.proc)
         self.traffic = Traffic()
         for client in self.clients:
@@ -724,7 +726,7 @@ class Worker:
         presence = traffic.by_type.get("presence")
         return StormProgress(
             live=sum(1 for c in self.clients if c.ready),
-            clients=len(self.clients),
+            clients=self.storm_members,
             reconnecting=len(self.reconnects),
             last_presence_ns=self.last_presence_ns,
             last_welcome_ns=self.last_welcome_ns,
