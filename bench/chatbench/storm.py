@@ -17,6 +17,7 @@ RESTARTING = 1012  # the close code of a replica that drains (docs/protocol.md, 
 # The web client's reconnect policy (services/web/src/infinite_chat/static/app.js, scheduleReconnect).
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 5.0
+WELCOME_TIMEOUT_S = 15.0  # an attempt (socket, upgrade, join) that has no welcome by then is given up and retried
 TYPE_PREFIX = b'{"type":"'  # how the server starts every object it builds (orjson keeps the key order)
 
 

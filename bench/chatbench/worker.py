@@ -31,7 +31,7 @@ from websockets.protocol import Event
 from websockets.typing import Origin
 
 from chatbench.accounting import ClientLog, Message
-from chatbench.storm import Outage, Traffic, reconnect_delay_s, tally
+from chatbench.storm import WELCOME_TIMEOUT_S, Outage, Traffic, reconnect_delay_s, tally
 
 PAD = " the quick brown fox jumps over the lazy dog" * 60
 ERROR_TYPE = b'"type":"error"'
@@ -391,7 +391,7 @@ class Worker:
         report.attempted += 1
         started = monotonic_ns()
         try:
-            ws = await self.open_joined(client, report, since=None)
+            ws = await self.open_joined(client, report, since=None, timeout_s=self.setup.connect_timeout_s)
         except Exception as error:
             report.errors += 1
             if len(report.error_samples) < SAMPLES:
@@ -401,16 +401,18 @@ class Worker:
         report.connected += 1
         report.connect_ms.append((monotonic_ns() - started) / 1e6)
 
-    async def open_joined(self, client: Client, report: Connected, since: bytes | None) -> FrameCallbackConnection:
+    async def open_joined(
+        self, client: Client, report: Connected, since: bytes | None, timeout_s: float
+    ) -> FrameCallbackConnection:
         """Opens a socket and joins the client's room (with `since` when given); returns the socket once the
-        welcome arrived, or raises why not (the socket aborted)."""
+        welcome arrived within `timeout_s`, or raises why not (the socket aborted)."""
         setup = self.setup
         ws: FrameCallbackConnection | None = None
         join = {"type": "join", "name": client.name, "room": f"{setup.room_prefix}-{client.room}"}
         if since:
             join["since"] = since.decode()
         try:
-            async with asyncio.timeout(setup.connect_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 opened = await connect(
                     setup.url,
                     origin=Origin(setup.origin),
@@ -752,7 +754,7 @@ class Worker:
             outage.attempts += 1
             report = Connected()
             try:
-                ws = await self.open_joined(client, report, since=client.last_id)
+                ws = await self.open_joined(client, report, since=client.last_id, timeout_s=WELCOME_TIMEOUT_S)
             except Exception as error:
                 kind = failure_kind(error)
                 self.reconnect_errors[kind] = self.reconnect_errors.get(kind, 0) + 1

@@ -236,10 +236,12 @@ async def test_a_closed_client_reconnects_with_since_after_a_failed_attempt(monk
     worker, client = make_worker()
     client.last_id = b"9-7"
     monkeypatch.setattr(worker_module, "reconnect_delay_s", lambda attempt, code, rng: 0.0)
-    asked: list[bytes | None] = []
+    asked: list[tuple[bytes | None, float]] = []
 
-    async def open_joined(c: Client, report: Connected, since: bytes | None) -> FrameCallbackConnection:
-        asked.append(since)
+    async def open_joined(
+        c: Client, report: Connected, since: bytes | None, timeout_s: float
+    ) -> FrameCallbackConnection:
+        asked.append((since, timeout_s))
         if len(asked) == 1:
             raise TimeoutError
         report.replicas[c.index] = "r2"
@@ -252,7 +254,7 @@ async def test_a_closed_client_reconnects_with_since_after_a_failed_attempt(monk
     worker.arm(StormArm(deadline_ns=10**30, seed=1))
     await worker.reconnect(client, 1012, down_ns=1)
     [outage] = worker.outages
-    assert asked == [b"9-7", b"9-7"]
+    assert asked == [(b"9-7", 15.0), (b"9-7", 15.0)]  # the web client's welcome timeout
     assert (outage.attempts, outage.resumed, outage.replica) == (2, True, "r2")
     assert outage.up_ns is not None
     assert worker.reconnect_errors == {"timeout": 1}
