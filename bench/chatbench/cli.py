@@ -40,8 +40,18 @@ OVERRIDES = {
     "max_steps": int,
     "max_time": float,
     "p99_bound_ms": float,
+    "storm_replica": str,
+    "storm_quiet": float,
+    "storm_deadline": float,
 }
-FIELD = {"warmup": "warmup_s", "duration": "duration_s", "grace": "grace_s", "max_time": "max_time_s"}
+FIELD = {
+    "warmup": "warmup_s",
+    "duration": "duration_s",
+    "grace": "grace_s",
+    "max_time": "max_time_s",
+    "storm_quiet": "storm_quiet_s",
+    "storm_deadline": "storm_deadline_s",
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,8 +59,16 @@ def parser() -> argparse.ArgumentParser:
         prog="bench/run",
         description="Load generator and benchmark runner for Infinite Chat (protocol v1). See bench/README.md.",
     )
-    p.add_argument("scenarios", nargs="*", default=["all"], help=f"any of {', '.join(ALL)}, or all (default)")
+    p.add_argument(
+        "scenarios",
+        nargs="*",
+        default=["all"],
+        help=f"any of {', '.join(SCENARIOS)}, or all (default: {', '.join(ALL)})",
+    )
     p.add_argument("--url", help="WebSocket URL of nginx (default: `docker compose port nginx 8080`, path /ws)")
+    p.add_argument(
+        "--project", help="the stack's Compose project (default: the one whose container publishes the URL's port)"
+    )
     p.add_argument("--up", action="store_true", help="bring the stack up first with scripts/up")
     p.add_argument("--processes", type=int, default=1, help="generator processes sharing the clients (default 1)")
     p.add_argument("--crosscheck", action="store_true", help="also run ../shared/bench/fanout.mjs on each scenario")
@@ -136,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     names = ALL if args.scenarios in (["all"], []) else args.scenarios
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
-        raise SystemExit(f"unknown scenario(s) {unknown}: choose from {', '.join(ALL)} or all")
+        raise SystemExit(f"unknown scenario(s) {unknown}: choose from {', '.join(SCENARIOS)} or all")
     if args.up:
         # The generator is one address with thousands of sockets: lift the per-address limits for this stack.
         subprocess.run([str(ROOT / "scripts" / "up")], cwd=ROOT, check=True, env={**os.environ, **BENCH_LIMITS})
     url = args.url or default_url()
-    project = compose_project_of(url)
+    project = args.project or compose_project_of(url)
     containers = discover(project) if project else []
     if not containers:
         log(f"note: no Compose containers publish {url}'s port here; replica CPU and memory will not be reported")
@@ -220,6 +238,17 @@ def title_of(res: dict[str, Any]) -> str:
 def summary(res: dict[str, Any]) -> str:
     if res.get("error"):
         return f"ERROR {res['error']}"
+    if res.get("mode") == "storm":
+        storm = res["storm"]
+        rec, traffic, msgs = storm["reconnect"], storm["traffic"], storm["messages"]
+        web = storm["cpu"]["services"].get("web", {}).get("cpu_s")
+        return (
+            f"{rec['reconnected']}/{storm['clients_on_replica']} of {storm['replica']}'s clients back, all live at "
+            f"{rec['all_live_s']} s (reconnect p50/p99 {rec['reconnect_ms']['p50']}/{rec['reconnect_ms']['p99']} "
+            f"ms), settled {storm['settled']} at {storm['window_s']} s; {traffic['frames']} frames, "
+            f"{traffic['bytes'] / 1e6:.2f} MB; replicas {web} CPU-s; messages lost {msgs['lost']}, dup "
+            f"{msgs['duplicated']}, same order {msgs['order']['same_order']}"
+        )
     if res.get("mode") == "find-max":
         best = res.get("max_held")
         return (

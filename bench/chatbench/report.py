@@ -59,6 +59,105 @@ COLUMNS: list[tuple[str, Callable[[Result, int, Row], str]]] = [
 ]
 
 
+def _mb(n: int | float | None) -> str:
+    return "–" if n is None else f"{n / 1e6:,.2f}"
+
+
+def _kind(res: Result, kind: str) -> str:
+    entry = res["storm"]["traffic"]["by_type"].get(kind) or {}
+    return f"{fmt(entry.get('frames'))} / {_mb(entry.get('bytes'))}"
+
+
+def _replicas_cpu(res: Result) -> str:
+    containers = res["storm"]["cpu"]["containers"]
+    return ", ".join(
+        f"{name} {fmt(c.get('cpu_s'), 2)}" + (" (restarted)" if c.get("restarted") else "")
+        for name, c in containers.items()
+        if name.startswith("web")
+    )
+
+
+def _service_cpu(res: Result, service: str) -> str:
+    return fmt(res["storm"]["cpu"]["services"].get(service, {}).get("cpu_s"), 2)
+
+
+def _reconnect_ms(res: Result) -> str:
+    ms = res["storm"]["reconnect"]["reconnect_ms"]
+    return f"{fmt(ms['p50'])} / {fmt(ms['p99'])} / {fmt(ms['max'])}"
+
+
+STORM_COLUMNS: list[tuple[str, Callable[[Result], str]]] = [
+    ("scenario", lambda res: str(res["label"] or res["scenario"])),
+    ("clients", lambda res: fmt(res["clients"])),
+    ("restarted (its clients)", lambda res: f"{res['storm']['replica']} ({res['storm']['clients_on_replica']})"),
+    (
+        "back / lost their socket",
+        lambda res: f"{res['storm']['reconnect']['reconnected']} / {res['storm']['reconnect']['disconnected']}",
+    ),
+    ("all live s", lambda res: fmt(res["storm"]["reconnect"]["all_live_s"], 2)),
+    ("reconnect p50 / p99 / max ms", _reconnect_ms),
+    ("attempts max", lambda res: fmt(res["storm"]["reconnect"]["attempts_max"])),
+    ("presence settled s", lambda res: fmt(res["storm"]["presence_settled_s"], 2)),
+    ("window s", lambda res: fmt(res["storm"]["window_s"], 2) + ("" if res["storm"]["settled"] else " NOT settled")),
+    ("frames", lambda res: fmt(res["storm"]["traffic"]["frames"])),
+    ("MB", lambda res: _mb(res["storm"]["traffic"]["bytes"])),
+    ("welcome frames / MB", lambda res: _kind(res, "welcome")),
+    ("presence frames / MB", lambda res: _kind(res, "presence")),
+    ("message frames / MB", lambda res: _kind(res, "message")),
+    ("error frames", lambda res: fmt((res["storm"]["traffic"]["by_type"].get("error") or {}).get("frames"))),
+    (
+        "per client max frames / KB",
+        lambda res: (
+            f"{fmt(res['storm']['traffic']['per_client_max']['frames'])} / "
+            f"{fmt(res['storm']['traffic']['per_client_max']['bytes'] / 1e3, 1)}"
+        ),
+    ),
+    ("replicas CPU s", _replicas_cpu),
+    ("nginx CPU s", lambda res: _service_cpu(res, "nginx")),
+    ("redis CPU s", lambda res: _service_cpu(res, "redis")),
+    ("generator CPU s", lambda res: fmt(res["storm"]["cpu"]["generator"]["cpu_s"], 2)),
+    (
+        "messages lost / dup / same order",
+        lambda res: (
+            f"{fmt(res['storm']['messages']['lost'])} / {fmt(res['storm']['messages']['duplicated'])} / "
+            f"{fmt(res['storm']['messages']['order']['same_order'])}"
+        ),
+    ),
+]
+
+
+def storm_table(results: Sequence[Result]) -> str:
+    """One row per storm: from the restart until every client is live again and presence is quiet."""
+    lines = ["| " + " | ".join(h for h, _ in STORM_COLUMNS) + " |", "|" + "---|" * len(STORM_COLUMNS)]
+    for res in results:
+        lines.append("| " + " | ".join(cell(res) for _, cell in STORM_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def storm_notes(res: Result) -> list[str]:
+    storm = res["storm"]
+    rec, msgs = storm["reconnect"], storm["messages"]
+    by_type = storm["traffic"]["by_type"]
+    out = [
+        f"  - restart of {storm['replica']} ({storm['replica_hostname']}): `docker restart` took "
+        f"{fmt(storm['restart_s'], 2)} s, healthy again by {fmt(storm['healthy_s'], 1)} s; its clients' sockets "
+        f"closed {fmt(rec['first_close_s'], 2)}-{fmt(rec['last_close_s'], 2)} s after it began (codes "
+        f"{rec['close_codes']}); welcomed again by {rec['welcomed_by']}",
+        f"  - reconnects: {rec['attempts']} attempts for {rec['outages']} outages, failed attempts "
+        f"{rec['failed_attempts'] or 0}, resumed: false {rec['not_resumed']}",
+        "  - received in the window, by type (frames / objects / bytes): "
+        + "; ".join(f"{k} {fmt(v['frames'])} / {fmt(v['objects'])} / {fmt(v['bytes'])}" for k, v in by_type.items()),
+        f"  - messages: {msgs['senders']} senders × {msgs['rate_per_sender']:g} msg/s on the other replicas, "
+        f"{msgs['sent_msgs']} sent ({msgs['accepted_msgs']} accepted), {fmt(msgs['expected_deliveries'])} expected, "
+        f"{fmt(msgs['received_deliveries'])} received, {msgs['lost']} lost, {msgs['duplicated']} duplicated, same "
+        f"order {fmt(msgs['order']['same_order'])}",
+        f"  - machine busy cores over the window {fmt(storm['cpu']['machine'].get('busy_cores'), 2)}, generator "
+        f"{fmt(storm['cpu']['generator']['cores'], 2)} cores",
+    ]
+    out += [f"  - {warning}" for warning in storm["warnings"]]
+    return out
+
+
 def table(results: Sequence[Result]) -> str:
     lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for res in results:
@@ -116,6 +215,8 @@ def notes(res: Result) -> list[str]:
             + f", this run at {res.get('started_at', '')[:19]}: the figure is only right on replicas that never held "
             "this many connections before (bench/README.md)"
         )
+    if res.get("storm"):
+        out += storm_notes(res)
     target = res.get("target")
     if target:
         goal = ", ".join(f"{k} {v}" for k, v in target.items() if k != "met")
@@ -140,7 +241,11 @@ def markdown(results: Sequence[Result], title: str) -> str:
             f"started {results[0].get('started_at')}."
         )
         parts.append("")
-    parts += [table(results), ""]
+    if any(res.get("steps") for res in results):
+        parts += [table(results), ""]
+    storms = [res for res in results if res.get("storm")]
+    if storms:
+        parts += [storm_table(storms), ""]
     for res in results:
         parts += notes(res)
     for res in results:
@@ -324,6 +429,37 @@ def plot(results: Sequence[Result], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def storm_plot(results: Sequence[Result], path: Path, title: str) -> None:
+    """Clients live and what they have received against the time since the restart, one line per storm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (live_ax, bytes_ax) = plt.subplots(2, 1, sharex=True, figsize=(9, 7.5))
+    for res in results:
+        storm = res.get("storm")
+        if not storm or not storm.get("series"):
+            continue
+        label = str(res.get("label") or res["scenario"])
+        t = [row[0] for row in storm["series"]]
+        live_ax.plot(t, [row[1] for row in storm["series"]], "-", label=label)
+        bytes_ax.plot(t, [row[3] / 1e6 for row in storm["series"]], "-", label=f"{label}: MB received")
+        if storm["reconnect"].get("all_live_s") is not None:
+            live_ax.axvline(storm["reconnect"]["all_live_s"], color="grey", lw=0.8, ls=":")
+    live_ax.set_ylabel("clients live")
+    live_ax.grid(True, alpha=0.3)
+    live_ax.legend(fontsize=8)
+    bytes_ax.set_ylabel("MB received by all clients")
+    bytes_ax.set_xlabel("seconds since the restart")
+    bytes_ax.grid(True, alpha=0.3)
+    bytes_ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _positive(ax: Any) -> bool:
     """Whether any latency was plotted (a log scale needs one value above 0)."""
     return any(any(isinstance(v, float | int) and v > 0 for v in line.get_ydata(orig=True)) for line in ax.get_lines())
@@ -334,7 +470,10 @@ def write(results: Sequence[Result], stem: Path, title: str) -> list[Path]:
     md = stem.with_suffix(".md")
     md.write_text(markdown(results, title))
     png = stem.with_suffix(".png")
-    plot(results, png, title)
+    if any(res.get("steps") for res in results) or not any(res.get("storm") for res in results):
+        plot(results, png, title)
+    else:
+        storm_plot(results, png, title)
     return [md, png]
 
 

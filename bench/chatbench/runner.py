@@ -11,6 +11,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -19,13 +20,17 @@ from typing import Any, TypeVar
 
 from chatbench import VERSION, worker
 from chatbench.accounting import ClientLog, Message, analyse, latency_stats
+from chatbench.docker import docker, wait_healthy
 from chatbench.scenarios import Scenario, pick_senders
+from chatbench.storm import counter_increase, merge_traffic, reconnect_report, settled, traffic_report
 from chatbench.system import (
     HZ,
     NCPU,
     Container,
     Sample,
     busy_seconds,
+    cpu_now,
+    discover,
     docker_stats_memory,
     machine_report,
     take_sample,
@@ -151,6 +156,7 @@ class ScenarioRun:
                 connect_concurrency=max(1, opt.connect_concurrency // self.procs),
                 connect_timeout_s=opt.connect_timeout_s,
                 size=sc.size,
+                track_ids=sc.storm,
             )
             for w in range(self.procs)
         ]
@@ -165,6 +171,9 @@ class ScenarioRun:
             if connect["connected"] == 0 or self.senders == 0:
                 result["error"] = "no client connected" if connect["connected"] == 0 else "no senders"
                 steps: list[dict[str, Any]] = []
+            elif sc.storm:
+                steps = []
+                self.storm(result)
             elif not sc.find_max:
                 row = self.step(sc.sender_rate() * self.senders)
                 self.add_late(row, self.settle() if row["lost"] > 0 else None)
@@ -240,9 +249,10 @@ class ScenarioRun:
 
     # ---- steps
 
-    def settle(self) -> worker.Settled:
+    def settle(self, quiet_ms: float = 300, max_s: float | None = None) -> worker.Settled:
         assert self.pool is not None
-        replies = self.pool.ask(worker.Settle(self.opt.settle_max_s), worker.Settled, self.opt.settle_max_s + 30)
+        longest = self.opt.settle_max_s if max_s is None else max_s
+        replies = self.pool.ask(worker.Settle(longest, quiet_ms), worker.Settled, longest + 30)
         return worker.Settled(
             all(r.quiet for r in replies), sum(r.late for r in replies), max(r.late_max_ms for r in replies)
         )
@@ -466,6 +476,206 @@ class ScenarioRun:
         report["services"] = by_service
         return report
 
+    # ---- the storm
+
+    def storm(self, result: dict[str, Any]) -> None:
+        """Restarts one replica once every client is live and quiet, and measures until every client it held is
+        welcomed again and presence is quiet: reconnect times, what the clients received by type, each
+        container's CPU over that window, and whether every client got every message exactly once, in order."""
+        sc, opt = self.sc, self.opt
+        assert self.pool is not None
+        pool = self.pool
+        result["mode"] = "storm"
+        victim = next((c for c in opt.containers if c.service == "web" and c.name == sc.storm_replica), None)
+        if victim is None or opt.project is None:
+            result["error"] = (
+                f"no web replica {sc.storm_replica} among the stack's containers: the storm needs the stack's "
+                "Compose project (found from the URL's port, or --project) and one of its web replicas "
+                "(--storm-replica)"
+            )
+            return
+        held = {c for c, host in self.replica_of.items() if host == victim.hostname}
+        if not held:
+            result["error"] = f"{victim.name} holds none of the clients"
+            return
+        quiet_ns = int(sc.storm_quiet_s * 1e9)
+        self.log(f"storm: {victim.name} holds {len(held)} clients; waiting for {sc.storm_quiet_s:g} s of quiet")
+        quiet_before = self.settle(sc.storm_quiet_s * 1000, max(opt.settle_max_s, 3 * sc.storm_quiet_s + 5)).quiet
+
+        # Senders on the other replicas, so the messages go on while the storm lasts.
+        progress = pool.ask(worker.Poll(), worker.Progress, timeout=30)
+        open_clients = sorted((c, room) for p in progress for c, room in p.open_clients)
+        elsewhere = [x for x in open_clients if x[0] not in held] or open_clients
+        slots = pick_senders(self.senders, self.rooms, elsewhere)
+        per_sender = sc.sender_rate()
+        tag = f"{self.tag}{self.step_no:x}"
+        self.step_no += 1
+        t0 = time.monotonic_ns() + 150_000_000
+        restart_at = t0 + int(sc.warmup_s * 1e9)
+        send_to = restart_at + int(sc.duration_s * 1e9)
+        deadline_ns = restart_at + int(sc.storm_deadline_s * 1e9)
+        commands: list[object] = [
+            worker.StartStep(
+                tag=tag,
+                slots=[(k, c) for k, c in enumerate(slots) if self.owner[c] == w],
+                total_slots=len(slots),
+                rate_per_sender=per_sender,
+                arrival=sc.arrival,
+                seed=opt.seed + self.step_no,
+                t0_ns=t0,
+                measure_from_ns=t0,  # every message counts: those before the restart too
+                measure_to_ns=send_to,
+            )
+            for w in range(self.procs)
+        ]
+        pool.ask(commands, type(None), timeout=30)
+        sleep_until(restart_at)
+        pool.ask(worker.StormArm(deadline_ns, opt.seed), type(None), timeout=30)
+        pids = [os.getpid(), *pool.pids]
+        a = take_sample(pids, opt.containers)
+        readings: dict[str, list[int | None]] = {name: [x.cpu_ns] for name, x in a.containers.items()}
+        restart_ns = time.monotonic_ns()
+        self.log(f"storm: restarting {victim.name} ({len(slots)} senders x {per_sender:g} msg/s go on)")
+        series: list[list[float]] = []
+        watched = list(opt.containers)
+        restart_s: float | None = None
+        restart_error: str | None = None
+        done = False
+        with ThreadPoolExecutor(1) as background:
+            restarting = background.submit(restart_container, victim)
+            while True:
+                time.sleep(0.1)
+                now = time.monotonic_ns()
+                p = merge_progress(pool.ask(worker.StormPoll(), worker.StormProgress, timeout=30))
+                for name, value in cpu_now(watched).items():
+                    readings.setdefault(name, []).append(value)
+                if restarting.done() and restart_s is None and restart_error is None:
+                    try:
+                        restart_s = r2(restarting.result())
+                        watched = discover(opt.project) or watched  # the restarted one has a new pid
+                    except Exception as error:
+                        restart_error = f"{type(error).__name__}: {error}"
+                series.append([r2((now - restart_ns) / 1e9), p.live, p.frames, p.bytes, p.presence])
+                last_event = max(restart_ns, p.last_presence_ns, p.last_welcome_ns)
+                if settled(
+                    now_ns=now,
+                    live=p.live,
+                    clients=p.clients,
+                    last_event_ns=last_event,
+                    quiet_ns=quiet_ns,
+                    restart_done=restarting.done(),
+                ):
+                    done = True
+                    break
+                if now >= deadline_ns and restarting.done():
+                    break
+            b = take_sample(pids, watched)
+        for name, x in b.containers.items():
+            readings.setdefault(name, []).append(x.cpu_ns)
+        parts = pool.ask(worker.StormCount(), worker.StormTraffic, timeout=30)
+        self.log(
+            f"storm: {'settled' if done else 'NOT settled'} {(b.t_ns - restart_ns) / 1e9:.1f} s after the restart; "
+            f"{p.live}/{p.clients} live; waiting for the last messages"
+        )
+        sleep_until(send_to)
+        self.grace(sc.grace_s)
+        data = pool.ask(worker.Close(), worker.StepData, timeout=120)
+        outages = pool.ask(worker.StormDisarm(), worker.StormOutages, timeout=60)
+        healthy_s: float | None = None
+        try:
+            wait_healthy([victim.id], 180)
+            healthy_s = r2((time.monotonic_ns() - restart_ns) / 1e9)
+        except (TimeoutError, OSError, RuntimeError) as error:
+            restart_error = restart_error or f"{type(error).__name__}: {error}"
+        opt.containers = discover(opt.project) or opt.containers  # new pids for the scenarios after this one
+
+        figures = analyse(
+            [m for d in data for m in d.messages],
+            [c for d in data for c in d.clients],
+            rooms=self.rooms,
+            duration_s=(send_to - t0) / 1e9,
+        )
+        errors: dict[str, int] = {}
+        for d in data:
+            for code, n in d.errors.items():
+                errors[code] = errors.get(code, 0) + n
+        lag = latency_stats([x for d in data for x in d.lag_ns])
+        reconnect = reconnect_report([o for r in outages for o in r.outages], clients=p.clients, restart_ns=restart_ns)
+        failures: dict[str, int] = {}
+        for r in outages:
+            for kind, n in r.errors.items():
+                failures[kind] = failures.get(kind, 0) + n
+        reconnect["failed_attempts"] = dict(sorted(failures.items()))
+        reconnect["failure_samples"] = [x for r in outages for x in r.error_samples][:5]
+        messages: dict[str, Any] = asdict(figures)
+        messages.update(
+            {
+                "senders": len(slots),
+                "rate_per_sender": per_sender,
+                "errors": errors,
+                "send_failures": sum(d.send_failures for d in data),
+                "send_lag_ms": {"p99": lag.p99, "max": lag.max},
+                "late_after_grace": self.settle().late if figures.lost else 0,
+            }
+        )
+        storm: dict[str, Any] = {
+            "replica": victim.name,
+            "replica_hostname": victim.hostname,
+            "clients_on_replica": len(held),
+            "quiet_s": sc.storm_quiet_s,
+            "deadline_s": sc.storm_deadline_s,
+            "quiet_before": quiet_before,
+            "settled": done,
+            "window_s": r3((b.t_ns - restart_ns) / 1e9),
+            "restart_s": restart_s,
+            "healthy_s": healthy_s,
+            "restart_error": restart_error,
+            "presence_settled_s": r3((p.last_presence_ns - restart_ns) / 1e9) if p.last_presence_ns else None,
+            "reconnect": reconnect,
+            "traffic": traffic_report(
+                merge_traffic([x.traffic for x in parts]), [c for x in parts for c in x.per_client]
+            ),
+            "cpu": self.storm_cpu(a, b, readings, victim.name),
+            "messages": messages,
+            "series_columns": ["t_s", "live", "frames", "bytes", "presence"],
+            "series": series,
+        }
+        storm["clean"] = bool(
+            done
+            and reconnect["not_back"] == 0
+            and figures.lost == 0
+            and figures.duplicated == 0
+            and figures.order.same_order
+            and not errors.get("rate_limited")
+        )
+        storm["warnings"] = storm_warnings(storm)
+        result["storm"] = storm
+
+    def storm_cpu(self, a: Sample, b: Sample, readings: dict[str, list[int | None]], restarted: str) -> dict[str, Any]:
+        """The generator's and the machine's CPU over the window (from its two edges), and each container's from
+        the readings every 100 ms, across the restart of the one that was restarted (its counter starts again)."""
+        report = self.cpu_report(a, b, 0, None)
+        window = (b.t_ns - a.t_ns) / 1e9 or 1e-9
+        containers: dict[str, Any] = report["containers"]
+        for name, values in readings.items():
+            used, restarts = counter_increase(values)
+            entry = containers.setdefault(name, {})
+            entry.pop("us_per_delivery", None)
+            entry["cpu_s"] = r3(used / 1e9)
+            entry["cores"] = r3(used / 1e9 / window)
+            entry["restarted"] = name == restarted
+            entry["counter_restarts"] = restarts
+        by_service: dict[str, dict[str, float]] = {}
+        for c in self.opt.containers:
+            entry = containers.get(c.name, {})
+            total = by_service.setdefault(c.service, {"cpu_s": 0.0, "cores": 0.0, "memory_mb": 0.0})
+            total["cpu_s"] = r3(total["cpu_s"] + entry.get("cpu_s", 0.0))
+            total["cores"] = r3(total["cores"] + entry.get("cores", 0.0))
+            total["memory_mb"] = r1(total["memory_mb"] + entry.get("memory_mb", 0.0))
+        report["services"] = by_service
+        report["window_s"] = r3(window)
+        return report
+
     def memory_per_connection(self, before: Sample, row: dict[str, Any]) -> dict[str, Any]:
         """Each replica's memory with our clients connected (end of the last window) minus before they
         connected, divided by how many of our clients that replica holds (from each welcome's `replica`)."""
@@ -505,6 +715,60 @@ def sleep_until(t_ns: int) -> None:
     delay = (t_ns - time.monotonic_ns()) / 1e9
     if delay > 0:
         time.sleep(delay)
+
+
+def restart_container(container: Container) -> float:
+    """`docker restart` of one container (its drain, stop and start); how long that took, in seconds."""
+    started = time.monotonic()
+    docker("restart", container.id, timeout=180)
+    return time.monotonic() - started
+
+
+def merge_progress(replies: list[worker.StormProgress]) -> worker.StormProgress:
+    return worker.StormProgress(
+        live=sum(r.live for r in replies),
+        clients=sum(r.clients for r in replies),
+        reconnecting=sum(r.reconnecting for r in replies),
+        last_presence_ns=max(r.last_presence_ns for r in replies),
+        last_welcome_ns=max(r.last_welcome_ns for r in replies),
+        frames=sum(r.frames for r in replies),
+        bytes=sum(r.bytes for r in replies),
+        presence=sum(r.presence for r in replies),
+    )
+
+
+def storm_warnings(storm: dict[str, Any]) -> list[str]:
+    """What makes a storm's figures doubtful or shows a fault, in words."""
+    out: list[str] = []
+    rec, msgs, cpu = storm["reconnect"], storm["messages"], storm["cpu"]
+    if not storm["quiet_before"]:
+        out.append(f"frames still arrived before the restart (no {storm['quiet_s']:g} s of quiet)")
+    if not storm["settled"]:
+        out.append(f"not settled within the deadline ({storm['deadline_s']:g} s): the window ends there")
+    if rec["not_back"]:
+        out.append(f"{rec['not_back']} client(s) not welcomed again by the deadline")
+    if rec["not_resumed"]:
+        out.append(f"{rec['not_resumed']} reconnect(s) welcomed with resumed: false (messages may be missing)")
+    if storm["restart_error"]:
+        out.append(f"the restart: {storm['restart_error']}")
+    victim = cpu["containers"].get(storm["replica"], {})
+    if victim and victim.get("counter_restarts") != 1:
+        out.append(
+            f"{storm['replica']}'s CPU counter started again {victim.get('counter_restarts')} time(s), not once: "
+            "its CPU figure may be wrong"
+        )
+    if cpu.get("generator_saturated"):
+        out.append("generator saturated: reconnect times may measure the generator, not the server")
+    for code, n in sorted(msgs["errors"].items()):
+        out.append(f"{n} error frame(s) {code}" + (" (the run is not valid)" if code == "rate_limited" else ""))
+    if msgs["lost"] or msgs["duplicated"] or not msgs["order"]["same_order"]:
+        out.append(
+            f"messages: {msgs['lost']} lost, {msgs['duplicated']} duplicated, same order "
+            f"{'yes' if msgs['order']['same_order'] else 'NO'}"
+        )
+    if msgs["send_failures"]:
+        out.append(f"{msgs['send_failures']} sends on closed sockets")
+    return out
 
 
 def warnings_of(row: dict[str, Any]) -> list[str]:

@@ -30,6 +30,14 @@ class Scenario:
     max_time_s: float = 150
     p99_bound_ms: float = 250
     memory_per_connection: bool = False
+    # storm: once every client is live and quiet, restart one replica (`storm_replica`, as named in the results)
+    # and measure until every client it held is welcomed again and presence has been quiet for `storm_quiet_s`,
+    # at most `storm_deadline_s` after the restart. Senders start `warmup_s` before the restart and go on for
+    # `duration_s` after it.
+    storm: bool = False
+    storm_replica: str = "web-1"
+    storm_quiet_s: float = 3
+    storm_deadline_s: float = 60
     # the issue's target, checked in the tables: p99 bound in ms, deliveries/s, or KB of memory per connection
     target_p99_ms: float | None = None
     target_deliveries_per_s: float | None = None
@@ -100,10 +108,25 @@ SCENARIOS: dict[str, Scenario] = {
             find_max=True,
             target_deliveries_per_s=94_000,
         ),
+        Scenario(
+            "storm",
+            "2,000 clients in 1 room; one replica restarts and every client it held reconnects at once; "
+            "2 senders x 0.5 msg/s on the other replicas throughout",
+            clients=2000,
+            rooms=1,
+            senders=2,
+            rate=0.5,
+            arrival="uniform",
+            warmup_s=2,
+            duration_s=10,
+            grace_s=5,
+            storm=True,
+        ),
     )
 }
 
 # `all` runs idle first: its memory baseline is cleanest before the other scenarios have grown the replicas' heaps.
+# `storm` restarts a replica and is run only when named.
 ALL = ["idle", "room", "broadcast", "rooms", "max"]
 
 

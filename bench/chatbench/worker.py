@@ -25,15 +25,17 @@ from urllib.parse import urlsplit
 import orjson
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event
 from websockets.typing import Origin
 
 from chatbench.accounting import ClientLog, Message
+from chatbench.storm import WELCOME_TIMEOUT_S, Outage, Traffic, reconnect_delay_s, tally
 
 PAD = " the quick brown fox jumps over the lazy dog" * 60
 ERROR_TYPE = b'"type":"error"'
+ID_FIELD = b'"id":"'  # a message's id; never inside a text, where a quote is escaped
 SAMPLES = 5  # error and disconnect samples kept, per process
 FRAME_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 
@@ -52,6 +54,7 @@ class Setup:
     connect_concurrency: int
     connect_timeout_s: float
     size: int
+    track_ids: bool = False  # remember each client's newest message id, for `since` (the storm scenario)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,7 @@ class Connected:
     error_samples: list[str] = field(default_factory=list)
     connect_ms: list[float] = field(default_factory=list)
     replicas: dict[int, str] = field(default_factory=dict)  # client index -> the replica its welcome named
+    resumed: dict[int, bool] = field(default_factory=dict)  # client index -> its welcome's `resumed`
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +154,57 @@ class Finished:
 
 
 @dataclass(frozen=True, slots=True)
+class StormArm:
+    """From now on a client whose socket closes reconnects by itself (the web client's backoff, `since` = the
+    newest message id it saw) until `deadline_ns`, and what every client receives is counted by object type."""
+
+    deadline_ns: int
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class StormPoll:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class StormProgress:
+    live: int  # clients welcomed and open now
+    clients: int  # clients that were live when the storm was armed (one that never connected is not waited for)
+    reconnecting: int  # clients waiting for or trying a reconnect
+    last_presence_ns: int  # when the last frame holding a presence event arrived (0: none since armed)
+    last_welcome_ns: int  # when the last reconnect was welcomed (0: none)
+    frames: int
+    bytes: int
+    presence: int  # presence objects received since armed
+
+
+@dataclass(frozen=True, slots=True)
+class StormCount:
+    pass
+
+
+@dataclass(slots=True)
+class StormTraffic:
+    """What this process's clients received between StormArm and StormCount."""
+
+    traffic: Traffic
+    per_client: list[tuple[int, int, int]]  # (client index, frames, bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class StormDisarm:
+    pass
+
+
+@dataclass(slots=True)
+class StormOutages:
+    outages: list[Outage]
+    errors: dict[str, int]  # failed reconnect attempts, by kind (HTTP 503, timeout, ...)
+    error_samples: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     pass
 
@@ -182,7 +237,20 @@ class FrameCallbackConnection(ClientConnection):
 
 
 class Client:
-    __slots__ = ("closed_ns", "in_step", "index", "keys", "latencies", "name", "ready", "room", "ws")
+    __slots__ = (
+        "closed_ns",
+        "in_step",
+        "index",
+        "keys",
+        "last_id",
+        "latencies",
+        "name",
+        "ready",
+        "room",
+        "rx_bytes",
+        "rx_frames",
+        "ws",
+    )
 
     def __init__(self, index: int, room: int, name: str) -> None:
         self.index = index
@@ -194,6 +262,9 @@ class Client:
         self.closed_ns: int | None = None
         self.keys: array[int] = array("q")
         self.latencies: array[int] = array("q")
+        self.last_id: bytes | None = None  # the newest message id it saw (with Setup.track_ids)
+        self.rx_frames = 0  # what it received while a storm is counted
+        self.rx_bytes = 0
 
 
 class Step:
@@ -244,6 +315,19 @@ class Worker:
         self.disconnects = 0
         self.disconnect_samples: list[dict[str, int | None]] = []
         self.tasks: set[asyncio.Task[None]] = set()
+        self.track_ids = setup.track_ids
+        # the storm: reconnecting closed clients, counting what every client receives
+        self.storm: StormArm | None = None
+        self.storm_members = 0
+        self.counting = False
+        self.traffic = Traffic()
+        self.last_presence_ns = 0
+        self.last_welcome_ns = 0
+        self.outages: list[Outage] = []
+        self.reconnect_errors: dict[str, int] = {}
+        self.reconnect_samples: list[str] = []
+        self.reconnects: set[asyncio.Task[None]] = set()
+        self.rng = random.Random(setup.proc)
 
     # ---- command loop
 
@@ -275,6 +359,16 @@ class Worker:
                 return await self.close_step()
             case Report():
                 return Finished(self.frames, self.disconnects, self.disconnect_samples)
+            case StormArm():
+                self.arm(command)
+                return None
+            case StormPoll():
+                return self.storm_progress()
+            case StormCount():
+                self.counting = False
+                return StormTraffic(self.traffic, [(c.index, c.rx_frames, c.rx_bytes) for c in self.clients])
+            case StormDisarm():
+                return await self.disarm()
             case Stop():
                 await self.close_all()
                 return None
@@ -294,13 +388,31 @@ class Worker:
         return report
 
     async def connect_one(self, client: Client, report: Connected) -> None:
-        setup = self.setup
         report.attempted += 1
         started = monotonic_ns()
-        ws: FrameCallbackConnection | None = None
-        room = f"{setup.room_prefix}-{client.room}"
         try:
-            async with asyncio.timeout(setup.connect_timeout_s):
+            ws = await self.open_joined(client, report, since=None, timeout_s=self.setup.connect_timeout_s)
+        except Exception as error:
+            report.errors += 1
+            if len(report.error_samples) < SAMPLES:
+                report.error_samples.append(f"{self.setup.url} {client.name}: {type(error).__name__}: {error}")
+            return
+        self.adopt(client, ws)
+        report.connected += 1
+        report.connect_ms.append((monotonic_ns() - started) / 1e6)
+
+    async def open_joined(
+        self, client: Client, report: Connected, since: bytes | None, timeout_s: float
+    ) -> FrameCallbackConnection:
+        """Opens a socket and joins the client's room (with `since` when given); returns the socket once the
+        welcome arrived within `timeout_s`, or raises why not (the socket aborted)."""
+        setup = self.setup
+        ws: FrameCallbackConnection | None = None
+        join = {"type": "join", "name": client.name, "room": f"{setup.room_prefix}-{client.room}"}
+        if since:
+            join["since"] = since.decode()
+        try:
+            async with asyncio.timeout(timeout_s):
                 opened = await connect(
                     setup.url,
                     origin=Origin(setup.origin),
@@ -317,7 +429,7 @@ class Worker:
                 ws = opened
                 answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
                 ws.on_frame = functools.partial(self.handshake_frame, client, ws, report, answer)
-                await ws.send(orjson.dumps({"type": "join", "name": client.name, "room": room}).decode())
+                await ws.send(orjson.dumps(join).decode())
                 closed = asyncio.ensure_future(ws.wait_closed())
                 try:
                     await asyncio.wait((answer, closed), return_when=asyncio.FIRST_COMPLETED)
@@ -327,17 +439,16 @@ class Worker:
                     raise ConnectionError(f"closed before the welcome (code {ws.close_code})")
             if verdict := answer.result():
                 raise ConnectionError(verdict)
-        except Exception as error:
-            report.errors += 1
-            if len(report.error_samples) < SAMPLES:
-                report.error_samples.append(f"{setup.url} {client.name}: {type(error).__name__}: {error}")
+        except BaseException:  # cancelled too: a socket half-joined is not left open
             if ws is not None:
                 ws.transport.abort()
-            return
+            raise
+        return ws
+
+    def adopt(self, client: Client, ws: FrameCallbackConnection) -> None:
+        """A welcomed socket becomes the client's; its end is watched."""
         client.ws = ws
         client.ready = True
-        report.connected += 1
-        report.connect_ms.append((monotonic_ns() - started) / 1e6)
         task = asyncio.get_running_loop().create_task(self.watch(client, ws))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -350,13 +461,25 @@ class Worker:
         answer: asyncio.Future[str],
         data: bytes,
     ) -> None:
-        """Frames before the welcome: answers "" once welcomed (or why the join failed)."""
+        """Frames before the welcome: answers "" once welcomed (or why the join failed). A welcome during a step
+        (a reconnect) brings in its history what the client missed: those deliveries count like live ones."""
+        now = monotonic_ns()
+        if self.counting:
+            self.count(client, data, now)
         self.frames.total += 1
         for obj in self.objects(data):
             kind = str(obj.get("type")) if isinstance(obj, dict) else "non_object"
             self.frames.by_type[kind] = self.frames.by_type.get(kind, 0) + 1
             if kind == "welcome" and isinstance(obj, dict):
                 report.replicas[client.index] = str(obj.get("replica", ""))
+                report.resumed[client.index] = obj.get("resumed") is True
+                if self.track_ids:
+                    self.note_id(client, data)
+                step = self.step
+                if step is not None and client.in_step:
+                    at = data.find(step.mark)
+                    if at >= 0:
+                        self.deliveries(client, step, data, at, now)
                 # From the next frame on (even one in the same read), deliveries are counted.
                 ws.on_frame = functools.partial(self.on_frame, client)
                 if not answer.done():
@@ -368,27 +491,46 @@ class Worker:
     # ---- receiving
 
     async def watch(self, client: Client, ws: FrameCallbackConnection) -> None:
-        """Frames arrive through `on_frame`; this only notices the socket's end."""
+        """Frames arrive through `on_frame`; this only notices the socket's end (and, in a storm, reconnects:
+        the client then stays one of the step's members, expected to get every message)."""
         await ws.wait_closed()
-        if client.ready:
+        if client.ready and client.ws is ws:
             client.ready = False
-            client.closed_ns = monotonic_ns()
+            now = monotonic_ns()
             if not self.stopping:
                 self.disconnects += 1
                 if len(self.disconnect_samples) < SAMPLES:
                     self.disconnect_samples.append({"client": client.index, "code": ws.close_code})
+            if self.storm is not None and not self.stopping:
+                task = asyncio.get_running_loop().create_task(self.reconnect(client, ws.close_code, now))
+                self.reconnects.add(task)
+                task.add_done_callback(self.reconnects.discard)
+            else:
+                client.closed_ns = now
 
     def on_frame(self, client: Client, data: bytes) -> None:
         """Called by the connection for each data frame as it is parsed (the hot path)."""
         now = monotonic_ns()
-        frames = self.frames
-        frames.total += 1
+        if self.counting:
+            self.count(client, data, now)
+        if self.track_ids:
+            self.note_id(client, data)
+        self.frames.total += 1
         step = self.step
         # Before the first step there is no marker: an empty one would match everywhere (the fanout.mjs bug).
         at = data.find(step.mark) if step is not None else -1
         if at < 0 or step is None:
             self.other_frame(client, data)
             return
+        self.deliveries(client, step, data, at, now)
+        if ERROR_TYPE in data:  # an error reply may share a frame with deliveries
+            for obj in self.objects(data):
+                if isinstance(obj, dict) and obj.get("type") == "error":
+                    self.other_object(client, obj)
+
+    def deliveries(self, client: Client, step: Step, data: bytes, at: int, now: int) -> None:
+        """Records every delivery of the step's messages in a frame, from the first marker at `at` on."""
+        frames = self.frames
         mark = step.mark
         skip = len(mark)
         low, high = step.measure_from, step.measure_to
@@ -416,10 +558,22 @@ class Worker:
             step.received += 1
             keys.append(proc << 32 | idx)
             latencies.append(now - sent)
-        if ERROR_TYPE in data:  # an error reply may share a frame with deliveries
-            for obj in self.objects(data):
-                if isinstance(obj, dict) and obj.get("type") == "error":
-                    self.other_object(client, obj)
+
+    @staticmethod
+    def note_id(client: Client, data: bytes) -> None:
+        """The newest message id in a frame (the last one: a frame and a welcome's history are oldest first)."""
+        at = data.rfind(ID_FIELD)
+        if at >= 0:
+            start = at + len(ID_FIELD)
+            end = data.find(b'"', start)
+            if end > start:
+                client.last_id = data[start:end]
+
+    def count(self, client: Client, data: bytes, now: int) -> None:
+        client.rx_frames += 1
+        client.rx_bytes += len(data)
+        if "presence" in tally(self.traffic, data):
+            self.last_presence_ns = now
 
     @staticmethod
     def objects(data: bytes) -> list[object]:
@@ -554,6 +708,75 @@ class Worker:
         logs = [ClientLog(c.index, c.room, c.keys, c.latencies, c.closed_ns) for c in self.clients if c.in_step]
         return StepData(self.proc, step.messages, logs, step.lag_ns, dict(step.errors), step.send_failures)
 
+    # ---- the storm
+
+    def arm(self, command: StormArm) -> None:
+        self.storm = command
+        self.storm_members = sum(1 for c in self.clients if c.ready)
+        self.rng = random.Random(command.seed * 1000 + self.proc)
+        self.traffic = Traffic()
+        for client in self.clients:
+            client.rx_frames = client.rx_bytes = 0
+        self.last_presence_ns = self.last_welcome_ns = 0
+        self.outages = []
+        self.reconnect_errors = {}
+        self.reconnect_samples = []
+        self.counting = True
+
+    def storm_progress(self) -> StormProgress:
+        traffic = self.traffic
+        presence = traffic.by_type.get("presence")
+        return StormProgress(
+            live=sum(1 for c in self.clients if c.ready),
+            clients=self.storm_members,
+            reconnecting=len(self.reconnects),
+            last_presence_ns=self.last_presence_ns,
+            last_welcome_ns=self.last_welcome_ns,
+            frames=traffic.frames,
+            bytes=traffic.bytes,
+            presence=presence.objects if presence else 0,
+        )
+
+    async def reconnect(self, client: Client, close_code: int | None, down_ns: int) -> None:
+        """Reconnects one client as the web client does (its backoff, `since` = the newest id it saw), until it is
+        welcomed or no attempt could start before the deadline."""
+        storm = self.storm
+        assert storm is not None
+        outage = Outage(client.index, down_ns, close_code)
+        self.outages.append(outage)
+        while self.storm is storm and not self.stopping:
+            delay = reconnect_delay_s(outage.attempts, close_code, self.rng)
+            if monotonic_ns() + delay * 1e9 > storm.deadline_ns:
+                return
+            await asyncio.sleep(delay)
+            if self.storm is not storm or self.stopping:
+                return
+            outage.attempts += 1
+            report = Connected()
+            try:
+                ws = await self.open_joined(client, report, since=client.last_id, timeout_s=WELCOME_TIMEOUT_S)
+            except Exception as error:
+                kind = failure_kind(error)
+                self.reconnect_errors[kind] = self.reconnect_errors.get(kind, 0) + 1
+                if len(self.reconnect_samples) < SAMPLES:
+                    self.reconnect_samples.append(f"{client.name}: {type(error).__name__}: {error}")
+                continue
+            outage.up_ns = self.last_welcome_ns = monotonic_ns()
+            outage.resumed = report.resumed.get(client.index)
+            outage.replica = report.replicas.get(client.index, "")
+            self.adopt(client, ws)
+            return
+
+    async def disarm(self) -> StormOutages:
+        """No more reconnects (those under way are cancelled); what the outages were."""
+        self.storm = None
+        self.counting = False
+        pending = list(self.reconnects)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return StormOutages(self.outages, dict(self.reconnect_errors), list(self.reconnect_samples))
+
     # ---- stopping
 
     async def close_all(self) -> None:
@@ -564,6 +787,15 @@ class Worker:
                 await asyncio.gather(*(ws.close() for ws in open_), return_exceptions=True)
         for ws in open_:
             ws.transport.abort()
+
+
+def failure_kind(error: Exception) -> str:
+    """A failed join in a few words, to count failures by kind: `HTTP 503`, `timeout`, `ConnectionError`, ..."""
+    if isinstance(error, InvalidStatus):
+        return f"HTTP {error.response.status_code}"
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    return type(error).__name__
 
 
 def run(conn: Connection, setup: Setup) -> None:
