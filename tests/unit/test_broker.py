@@ -11,6 +11,7 @@ import pytest
 from infinite_chat.broker import MemoryBroker, presence_entry
 from infinite_chat.broker import memory as memory_module
 from infinite_chat.config import Settings
+from support.chat import eventually
 from support.listening import Listener
 from support.peer import settle
 
@@ -57,8 +58,8 @@ async def test_renewed_entries_stay_for_as_long_as_they_are_renewed(clock: Clock
         clock.now += 5
         await chat.refresh("lobby", [presence_entry("c2", "bob")])
     await settle()
-    events = [(o["event"], o["name"], o["online"]) for o in listener.objects("lobby")]
-    assert events == [("join", "alice", ["alice"]), ("join", "bob", ["alice", "bob"]), ("leave", "alice", ["bob"])]
+    events = [(o["event"], o["joined"], o["left"], o["online_count"]) for o in listener.objects("lobby")]
+    assert events == [("join", ["alice"], [], 1), ("join", ["bob"], [], 2), ("leave", [], ["alice"], 1)]
     await listener.stop()
 
 
@@ -74,7 +75,27 @@ async def test_a_waiting_presence_change_goes_out_exactly_when_the_interval_ends
     clock.now += 0.001
     await chat._flush_presence("lobby")
     await settle()
-    assert [o["online"] for o in listener.objects("lobby")] == [["alice"], ["alice", "bob"]]
+    assert [o["joined"] for o in listener.objects("lobby")] == [["alice"], ["bob"]]
+    await chat.close()
+    await listener.stop()
+
+
+async def test_a_dead_replicas_many_entries_are_swept_in_bounded_batches_one_call_after_another(clock: Clock) -> None:
+    chat = broker(presence_ttl=20.0, presence_interval_ms=0)
+    chat.sweep_max = 4
+    listener = await Listener(chat).ready("lobby")
+    for n in range(10):
+        await chat.join("lobby", presence_entry(f"d{n}", f"ghost-{n}"))
+    await chat.join("lobby", presence_entry("c1", "alice"))
+    clock.now += 19
+    await chat.refresh("lobby", [presence_entry("c1", "alice")])
+    clock.now += 1  # the ghosts' replica renewed nothing: all ten have expired
+    await chat.refresh("lobby", [presence_entry("c1", "alice")])
+    await settle()
+    # One call swept four; it asked again at once, and so on until none was left.
+    await eventually(lambda: listener.objects("lobby")[-1]["online_count"] == 1, timeout=2, what="the sweep")
+    left = [o["left"] for o in listener.objects("lobby")[11:]]
+    assert left == [[f"ghost-{n}" for n in range(4)], [f"ghost-{n}" for n in range(4, 8)], ["ghost-8", "ghost-9"]]
     await chat.close()
     await listener.stop()
 

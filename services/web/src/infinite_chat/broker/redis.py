@@ -55,13 +55,14 @@ def log_key(room: str) -> str:
     return f"chat:{{{room}}}:log"
 
 
-def online_key(room: str) -> str:
-    return f"chat:{{{room}}}:online"
+# A room's presence keys, in the order presence.lua takes them (KEYS[1] to KEYS[6]; docs/architecture.md has the
+# layout): its connection entries by expiry, each name's count of them, the names online in order, the change since
+# the last event, when each of those changes was made as against the list's reads, and the room's last event.
+PRESENCE_PARTS = ("connections", "counts", "names", "changes", "change-reads", "events")
 
 
-def presence_key(room: str) -> str:
-    """When the room's last presence event went out, and the change waiting for the next one (if any)."""
-    return f"chat:{{{room}}}:presence"
+def presence_keys(room: str) -> list[str]:
+    return [f"chat:{{{room}}}:presence:{part}" for part in PRESENCE_PARTS]
 
 
 def channel_key(room: str) -> str:
@@ -224,11 +225,14 @@ class RedisBroker(Broker):
             return None
         return QuotaRefusal(ErrorCode(verdict.decode()), max(1, int(wait)))
 
-    async def _presence_call(self, action: str, room: str, entries: Sequence[str]) -> tuple[Online, int]:
+    async def _presence_call(
+        self, action: str, room: str, entries: Sequence[str], *, after: str | None, limit: int
+    ) -> tuple[Online | None, int]:
         settings = self.settings
+        page: list[str | int] = [after or "", limit] if action == "page" else []
         try:
-            names_json, count, wait = await self._presence_script(
-                keys=[online_key(room), presence_key(room)],
+            names, count, wait = await self._presence_script(
+                keys=presence_keys(room),
                 args=[
                     action,
                     int(settings.presence_ttl * 1000),
@@ -236,13 +240,15 @@ class RedisBroker(Broker):
                     channel_key(room),
                     room,
                     settings.presence_interval_ms,
+                    self.sweep_max,
                     *entries,
+                    *page,
                 ],
             )
         except (RedisError, OSError) as error:
             raise _unavailable(error) from None
-        names: list[str] = orjson.loads(names_json)
-        return Online(names, int(count)), int(wait)
+        online = Online([name.decode() for name in names], int(count)) if action in ("join", "page") else None
+        return online, int(wait)
 
     async def subscribe(self, room: str) -> None:
         heard = self._heard.get(room)
@@ -377,12 +383,27 @@ def _deliveries(room: str, entries: Any) -> list[Delivery]:
 
 def _parse_published(data: bytes) -> Delivery:
     """What append.lua and presence.lua publish: "<room>\n<id>\n<body>" for a message, and
-    "<room>\n\n<event>\n<name>\n<count>\n<names>" for a presence event."""
+    "<room>\n\n<event>\n<name>\n<count>\n<truncated>\n<joined>\n<left>" for a presence event (the lists as
+    JSON)."""
     room, message_id, rest = data.split(b"\n", 2)
     if message_id:
         return message_delivery(room.decode(), message_id, rest)
-    event, name, count, names = rest.split(b"\n", 3)
-    frame = presence_frame(event.decode(), name.decode(), orjson.loads(names), int(count))
+    fields = rest.split(b"\n")
+    if len(fields) != 6:
+        # "<event>\n<name>\n<count>\n<names>" from a replica of the release before presence deltas: its last
+        # change is all it says of the net change, so the event is marked truncated (clients refetch the list).
+        last_event, last_name, online_count = (field.decode() for field in fields[:3])
+        changed = [last_name]
+        frame = (
+            presence_frame(last_event, last_name, changed, [], int(online_count), truncated=True)
+            if last_event == "join"
+            else presence_frame(last_event, last_name, [], changed, int(online_count), truncated=True)
+        )
+        return Delivery(room.decode(), None, frame)
+    event, name, count, truncated, joined, left = fields
+    frame = presence_frame(
+        event.decode(), name.decode(), orjson.loads(joined), orjson.loads(left), int(count), truncated=truncated == b"1"
+    )
     return Delivery(room.decode(), None, frame)
 
 
