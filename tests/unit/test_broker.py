@@ -1,8 +1,10 @@
 """The in-memory twin's clock, moved by the test: what the contract suite (tests/system/test_broker_contract.py)
-checks against Redis only as far as real time allows, here to the millisecond and over hours, in no time."""
+checks against Redis only as far as real time allows, here to the millisecond and over hours, in no time. And how
+the Redis broker reads what its scripts publish, which needs no Redis."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 
 from infinite_chat.broker import MemoryBroker, presence_entry
 from infinite_chat.broker import memory as memory_module
+from infinite_chat.broker.redis import _parse_published
 from infinite_chat.config import Settings
 from support.chat import eventually
 from support.listening import Listener
@@ -113,3 +116,32 @@ async def test_an_address_allowance_refills_evenly_over_the_hour(clock: Clock) -
     clock.now += 7200  # long idle: full again, and never more than full
     assert await chat.charge("198.18.0.1", 100_000, new_room=False) is None
     assert await chat.charge("198.18.0.1", 1, new_room=False) is not None
+
+
+def test_a_published_presence_event_becomes_the_frame_clients_get() -> None:
+    published = b'lobby\n\nleave\nal\n3\n1\n["bob","carol"]\n["al"]'
+    delivery = _parse_published(published)
+    assert (delivery.room, delivery.id) == ("lobby", None)
+    assert json.loads(delivery.frame) == {
+        "type": "presence",
+        "event": "leave",
+        "name": "al",
+        "joined": ["bob", "carol"],
+        "left": ["al"],
+        "online_count": 3,
+        "truncated": True,
+    }
+
+
+def test_a_presence_event_of_the_release_before_reads_as_truncated() -> None:
+    """Its list cannot say what changed; its last change and a truncated event (clients read the list) can."""
+    delivery = _parse_published(b'lobby\n\njoin\nbob\n2\n["alice","bob"]')
+    assert json.loads(delivery.frame) == {
+        "type": "presence",
+        "event": "join",
+        "name": "bob",
+        "joined": ["bob"],
+        "left": [],
+        "online_count": 2,
+        "truncated": True,
+    }
