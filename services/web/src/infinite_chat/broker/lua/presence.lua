@@ -72,7 +72,7 @@ local function read()
 end
 
 -- The names set says whether a name is online; the counts say how many of its connections remain. (Were one of
--- the two ever lost, by eviction, a count never goes below zero and a name never leaves twice.)
+-- the two ever lost, by eviction, a count at zero or below is dropped and a name never leaves twice.)
 local function gained(name)
   redis.call('HINCRBY', counts, name, 1)
   return redis.call('ZADD', names, 0, name) == 1 and changed('+', name)
