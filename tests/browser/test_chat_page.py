@@ -4,12 +4,14 @@ scroll-back, text that stays text, the form's own validation, a burst past the r
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from playwright.async_api import Browser, ConsoleMessage, Dialog, Locator, Page, ViewportSize, expect
+from playwright.async_api import Browser, ConsoleMessage, Dialog, Locator, Page, ViewportSize, WebSocketRoute, expect
 from playwright.async_api import Error as PlaywrightError
 
 from support.addresses import forwarded
@@ -54,6 +56,7 @@ class ChatPage:
         room: str,
         viewport: ViewportSize = DESKTOP,
         base_url: str | None = None,
+        socket_route: Callable[[WebSocketRoute], None] | None = None,
     ) -> ChatPage:
         # Each person of the test from an address of their own, as in life (support/addresses.py).
         context = await browser.new_context(
@@ -74,6 +77,8 @@ class ChatPage:
         chat.page.on("dialog", on_dialog)
         chat.page.on("pageerror", lambda error: chat.errors.append(str(error)))
         chat.page.on("console", on_console)
+        if socket_route is not None:
+            await chat.page.route_web_socket("**/ws", socket_route)
         await navigate(chat.page, f"/#{room}")
         await expect(chat.page.get_by_label("Room", exact=True)).to_have_value(room)
         await chat.page.get_by_label("Your name", exact=True).fill(name)
@@ -181,6 +186,33 @@ class Gate:
             sink.close()
 
 
+class HeldPresence:
+    """Between a page and its replica, in the browser: passes every frame both ways, except that while `holding` it
+    keeps presence events from the page (as the names a truncated event leaves out never reach it), and it can hand
+    the page an object of its own."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.page_side: WebSocketRoute | None = None
+
+    def route(self, socket: WebSocketRoute) -> None:
+        self.page_side = socket
+        server = socket.connect_to_server()
+
+        def from_server(frame: str | bytes) -> None:
+            if isinstance(frame, str) and self.holding:
+                frame = "\n".join(line for line in frame.split("\n") if '"type":"presence"' not in line)
+                if not frame:
+                    return
+            socket.send(frame)
+
+        server.on_message(from_server)
+
+    def send_to_page(self, obj: dict[str, object]) -> None:
+        assert self.page_side is not None, "the page has no socket"
+        self.page_side.send(json.dumps(obj))
+
+
 async def seed(stack: Stack, room: str, texts: list[str]) -> None:
     """Puts `texts` in the room's history, in order. The rate limit allows a burst of 10 per connection: one
     connection per ten messages."""
@@ -250,6 +282,48 @@ async def test_two_people_on_different_replicas_chat_and_see_each_other(
         await expect(chat.page.locator("#online li")).to_have_count(2)
     alice.assert_clean()
     bob.assert_clean()
+
+
+async def test_the_online_list_follows_presence_and_reads_itself_again_after_a_truncated_event(
+    browser: Browser, stack: Stack
+) -> None:
+    room = f"people-{secrets.token_hex(2)}"
+    carol = await ChatClient.open(stack.ws_url)
+    await carol.join("carol", room)
+    between = HeldPresence()
+    alice = await ChatPage.open(browser, stack, name="alice", room=room, socket_route=between.route)
+    online, count = alice.page.locator("#online li"), alice.page.locator("#online-count")
+    await expect(online).to_have_text(["alice (you)", "carol"])
+    # Each event's change, live: dave comes, carol goes.
+    dave = await ChatClient.open(stack.ws_url)
+    await dave.join("dave", room)
+    await expect(online).to_have_text(["alice (you)", "carol", "dave"])
+    await expect(count).to_have_text("3")
+    await carol.close()
+    await expect(online).to_have_text(["alice (you)", "dave"])
+    await expect(count).to_have_text("2")
+    # Erin's event never reaches the page; then one that says more changed than it lists: the page reads the list.
+    between.holding = True
+    erin = await ChatClient.open(stack.ws_url)
+    await erin.join("erin", room)
+    await dave.wait_for(lambda o: o["type"] == "presence" and o["joined"] == ["erin"])
+    between.send_to_page(
+        {
+            "type": "presence",
+            "event": "join",
+            "name": "erin",
+            "joined": [],
+            "left": [],
+            "online_count": 3,
+            "truncated": True,
+        }
+    )
+    await expect(online).to_have_text(["alice (you)", "dave", "erin"])
+    await expect(count).to_have_text("3")
+    await expect(alice.page.locator("#online-more")).to_be_hidden()
+    for client in (dave, erin):
+        await client.close()
+    alice.assert_clean()
 
 
 async def test_late_joiner_sees_history_and_scrolls_back_to_the_first_message(

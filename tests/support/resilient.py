@@ -38,6 +38,8 @@ class ResilientClient:
         self.arrived: dict[str, float] = {}  # message id -> time.monotonic() of its first arrival
         self.ids: set[str] = set()
         self.presence: list[tuple[float, Obj]] = []
+        # Who is online as this client keeps it: each welcome's list, then every event's joined and left.
+        self.online: set[str] = set()
         self.errors: list[Obj] = []
         self.welcomes: list[Obj] = []
         # One entry per socket lost while joined: (replica it was on, close code it got).
@@ -140,6 +142,7 @@ class ResilientClient:
             self._take(obj)
         elif kind == "welcome":
             self.welcomes.append(obj)
+            self.online = set(obj["online"])
             for message in obj["history"]:
                 self._take(message)
             if self._lost_at is not None:
@@ -156,6 +159,7 @@ class ResilientClient:
             return True
         elif kind == "presence":
             self.presence.append((time.monotonic(), obj))
+            self.online = (self.online | set(obj["joined"])) - set(obj["left"])
         elif kind == "error":
             self.errors.append(obj)
             refused = obj.get("ref")

@@ -439,6 +439,74 @@ async def test_join_and_leave_churn_costs_a_room_one_presence_event_per_interval
     )
 
 
+def kept_online(client: ChatClient) -> list[str]:
+    """Who is online as a client keeps it (docs/protocol.md, "Keeping the list"): the welcome's list, then each
+    presence event's joined and left."""
+    online: set[str] = set()
+    for obj in client.objects:
+        if obj["type"] == "welcome":
+            online = set(obj["online"])
+        elif obj["type"] == "presence":
+            online = (online | set(obj["joined"])) - set(obj["left"])
+    return sorted(online)
+
+
+def compact(obj: Obj) -> int:
+    """The bytes of an object as the server sends it (compact JSON, UTF-8 as it is)."""
+    return len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+async def test_a_crowd_joining_costs_each_member_presence_bytes_in_proportion_to_the_crowd(stack: Stack) -> None:
+    """60 members with 32-character names join a room in 10 waves of 6 (each wave together, once the room has heard
+    the one before: so the crowd spans at least 10 presence events, as a larger crowd spans many intervals). Each
+    member hears each name once, in `joined`: its presence bytes are a small multiple of N names, not N^2. When
+    every event carried the online list, the first members got about 330 names (10 events of 6, 12, ... 60)."""
+    room = room_name()
+    waves, per_wave = 10, 6
+    crowd = waves * per_wave
+    names = [f"crowd-member-with-a-long-name-{n:02d}" for n in range(crowd)]
+    assert {len(name) for name in names} == {32}
+    name_bytes = len(json.dumps(names[0])) + 1  # in a JSON list: the quotes and a comma
+    members: list[ChatClient] = []
+
+    async def member(name: str) -> ChatClient:
+        client = await ChatClient.open(stack.ws_url)
+        await client.join(name, room)
+        return client
+
+    for wave in range(waves):
+        members.extend(await asyncio.gather(*(member(name) for name in names[wave * per_wave : (wave + 1) * per_wave])))
+        heard = (wave + 1) * per_wave
+        await eventually(
+            lambda heard=heard: any(o["type"] == "presence" and o["online_count"] == heard for o in members[0].objects),
+            timeout=15,
+            what=f"the room hearing wave {wave + 1}",
+        )
+    await eventually(
+        lambda: all(kept_online(client) == names for client in members), timeout=15, what="every list complete"
+    )
+    costs = []
+    for client in members:
+        events = [o for o in client.objects if o["type"] == "presence"]
+        announced = [name for o in events for name in o["joined"] + o["left"]]
+        assert len(announced) == len(set(announced)) <= crowd, "a name was announced to one member twice"
+        assert not any(o.get("truncated") for o in events)
+        costs.append((sum(compact(o) for o in events), len(events)))
+    for client in members:
+        await client.close()
+    worst_bytes, worst_events = max(costs)
+    assert worst_events >= waves - 1  # the first member heard the crowd come over several events
+    assert worst_bytes <= 4 * crowd * name_bytes, f"{worst_bytes} bytes of presence for one member"
+    report(
+        "crowd",
+        members=crowd,
+        waves=waves,
+        most_presence_bytes_per_member=worst_bytes,
+        events_for_that_member=worst_events,
+        bytes_of_the_names=crowd * name_bytes,
+    )
+
+
 # ---- 5. floods of frames that are not messages -------------------------------------------------------------------
 
 

@@ -19,7 +19,16 @@ from typing import Any
 
 import pytest
 
-from infinite_chat.broker import Broker, Delivery, LogRead, MemoryBroker, RedisBroker, open_broker, presence_entry
+from infinite_chat.broker import (
+    Broker,
+    Delivery,
+    LogRead,
+    MemoryBroker,
+    Online,
+    RedisBroker,
+    open_broker,
+    presence_entry,
+)
 from infinite_chat.config import Settings
 from infinite_chat.protocol import message_body, message_frame, parse_message_id
 from support.chat import eventually, eventually_async
@@ -236,36 +245,130 @@ async def test_what_is_said_right_after_a_confirmed_subscription_is_heard(broker
 # ---- presence --------------------------------------------------------------------------------------------------------
 
 
-async def test_presence_is_by_name_sorted_capped_and_announced_when_it_changes(brokers: Brokers, room: str) -> None:
+def presence(event: str, name: str, joined: list[str], left: list[str], count: int) -> dict[str, Any]:
+    return {"type": "presence", "event": event, "name": name, "joined": joined, "left": left, "online_count": count}
+
+
+async def test_presence_is_by_name_and_each_event_carries_the_change_and_the_count(brokers: Brokers, room: str) -> None:
     chat = brokers(presence_list_max=2, presence_interval_ms=0)
     listener = await Listener(brokers(presence_list_max=2, presence_interval_ms=0)).ready(room)
-    assert (await chat.join(room, presence_entry("c1", "carol"))).names == ["carol"]
+    assert await chat.join(room, presence_entry("c1", "carol")) == Online(["carol"], 1)
     await chat.join(room, presence_entry("c2", "alice"))
     await chat.join(room, presence_entry("c3", "alice"))  # a second tab: alice is online already
-    online = await chat.join(room, presence_entry("c4", "Zoë 🚀"))
-    assert (online.names, online.count) == (["Zoë 🚀", "alice"], 3)  # by code point: "Z" before "a"
+    # The welcome's list: the first PRESENCE_LIST_MAX names by code point ("Z" before "a"), and the full count.
+    assert await chat.join(room, presence_entry("c4", "Zoë 🚀")) == Online(["Zoë 🚀", "alice"], 3)
     await chat.leave(room, presence_entry("c2", "alice"))  # alice is still online in her other tab
     await chat.leave(room, presence_entry("c3", "alice"))
     await chat.leave(room, presence_entry("c3", "alice"))  # twice: nothing more
-    await eventually(lambda: len(listener.objects(room)) >= 4, timeout=10, what="presence events")
+    await chat.leave(room, presence_entry("c1", "carol"))
+    await chat.leave(room, presence_entry("c4", "Zoë 🚀"))
+    await eventually(lambda: len(listener.objects(room)) >= 6, timeout=10, what="presence events")
     assert listener.objects(room) == [
-        {"type": "presence", "event": "join", "name": "carol", "online": ["carol"], "online_count": 1},
-        {"type": "presence", "event": "join", "name": "alice", "online": ["alice", "carol"], "online_count": 2},
-        {"type": "presence", "event": "join", "name": "Zoë 🚀", "online": ["Zoë 🚀", "alice"], "online_count": 3},
-        {"type": "presence", "event": "leave", "name": "alice", "online": ["Zoë 🚀", "carol"], "online_count": 2},
+        presence("join", "carol", ["carol"], [], 1),
+        presence("join", "alice", ["alice"], [], 2),
+        presence("join", "Zoë 🚀", ["Zoë 🚀"], [], 3),
+        presence("leave", "alice", [], ["alice"], 2),
+        presence("leave", "carol", [], ["carol"], 1),
+        presence("leave", "Zoë 🚀", [], ["Zoë 🚀"], 0),  # empty lists are lists, not objects
     ]
     assert all(d.id is None and d.room == room for d in listener.got if d.room == room)
     await listener.stop()
 
 
-async def test_an_empty_room_has_an_empty_list_not_an_object(brokers: Brokers, room: str) -> None:
-    chat = brokers(presence_interval_ms=0)
-    listener = await Listener(brokers(presence_interval_ms=0)).ready(room)
-    await chat.join(room, presence_entry("c1", "alice"))
-    await chat.leave(room, presence_entry("c1", "alice"))
-    await eventually(lambda: len(listener.objects(room)) == 2, timeout=10, what="join and leave")
-    assert listener.objects(room)[1]["online"] == []
+async def test_a_coalesced_event_carries_exactly_the_net_change_since_the_last_one(brokers: Brokers, room: str) -> None:
+    chat = brokers(presence_interval_ms=400)
+    listener = await Listener(brokers(presence_interval_ms=400)).ready(room)
+    await chat.join(room, presence_entry("c1", "alice"))  # at once
+    await chat.join(room, presence_entry("c2", "zed"))  # at the end of the interval
+    await eventually(lambda: len(listener.objects(room)) == 2, timeout=10, what="zed's event")
+    # Within one interval: names that came and went, or went and came back, cancel out; tabs are one name.
+    for action, entry in [
+        ("leave", ("c2", "zed")),
+        ("join", ("c3", "bob")),
+        ("leave", ("c3", "bob")),
+        ("join", ("c4", "carol")),
+        ("leave", ("c1", "alice")),
+        ("join", ("c5", "alice")),
+        ("join", ("c6", "dave")),
+        ("join", ("c7", "dave")),
+        ("leave", ("c6", "dave")),
+        ("join", ("c8", "erin")),
+        ("leave", ("c8", "erin")),
+    ]:
+        await getattr(chat, action)(room, presence_entry(*entry))
+    await eventually(lambda: len(listener.objects(room)) >= 3, timeout=10, what="the coalesced event")
+    assert listener.objects(room) == [
+        presence("join", "alice", ["alice"], [], 1),
+        presence("join", "zed", ["zed"], [], 2),
+        # The last change (erin leaving) undid one before it: another change of the event names it.
+        presence("join", "carol", ["carol", "dave"], ["zed"], 3),
+    ]
+    # Everything cancelled out: no event at all.
+    await chat.join(room, presence_entry("c9", "frank"))
+    await chat.leave(room, presence_entry("c9", "frank"))
+    await asyncio.sleep(0.6)  # past the interval, so the flush has run
+    assert len(listener.objects(room)) == 3
     await listener.stop()
+
+
+async def test_a_change_undone_after_someone_read_the_list_is_announced_as_it_stands(
+    brokers: Brokers, room: str
+) -> None:
+    """A welcome (or a page of the list) shows the room mid-interval; the next event must bring that reader to the
+    truth too, so a change it saw is announced even if it is undone before the event (not if it is the reader's own)."""
+    chat = brokers(presence_interval_ms=400)
+    listener = await Listener(brokers(presence_interval_ms=400)).ready(room)
+    await chat.join(room, presence_entry("c1", "alice"))
+    await chat.join(room, presence_entry("c2", "zed"))
+    await chat.join(room, presence_entry("c3", "dave"))
+    await eventually(lambda: len(listener.objects(room)) == 2, timeout=10, what="the second event")
+    await chat.leave(room, presence_entry("c2", "zed"))
+    welcome = await chat.join(room, presence_entry("c4", "carol"))  # carol's welcome: zed has gone
+    assert welcome == Online(["alice", "carol", "dave"], 3)
+    await chat.join(room, presence_entry("c5", "zed"))  # and is back
+    await chat.join(room, presence_entry("c6", "bob"))  # bob's own welcome saw him come: he went before anyone else did
+    await chat.leave(room, presence_entry("c6", "bob"))
+    await chat.leave(room, presence_entry("c3", "dave"))
+    page = await chat.online(room, 10)  # a page read while dave is gone
+    assert page == Online(["alice", "carol", "zed"], 3)
+    await chat.join(room, presence_entry("c7", "dave"))  # and back
+    await eventually(lambda: len(listener.objects(room)) == 3, timeout=10, what="the coalesced event")
+    event = listener.objects(room)[2]
+    assert event == presence("join", "dave", ["carol", "dave", "zed"], [], 4)
+    # Each reader's list with the event applied is who is online.
+    for seen in (welcome.names, page.names):
+        assert sorted((set(seen) | set(event["joined"])) - set(event["left"])) == ["alice", "carol", "dave", "zed"]
+    await listener.stop()
+
+
+async def test_an_event_with_more_changes_than_its_lists_hold_says_truncated(brokers: Brokers, room: str) -> None:
+    chat = brokers(presence_list_max=3, presence_interval_ms=300)
+    listener = await Listener(brokers(presence_list_max=3, presence_interval_ms=300)).ready(room)
+    await chat.join(room, presence_entry("c0", "alice"))
+    for n in range(5):
+        await chat.join(room, presence_entry(f"c{n + 1}", f"bob-{n}"))
+    await chat.leave(room, presence_entry("c0", "alice"))
+    await eventually(lambda: len(listener.objects(room)) == 2, timeout=10, what="the coalesced event")
+    assert listener.objects(room)[1] == {
+        **presence("leave", "alice", ["bob-0", "bob-1", "bob-2"], ["alice"], 5),
+        "truncated": True,
+    }
+    await listener.stop()
+
+
+async def test_who_is_online_pages_by_name_after_a_name(brokers: Brokers, room: str) -> None:
+    chat = brokers()
+    names = ["Zoë", "alice", "zoé", "ßeta", "émile", "日本", "😀 smile"]  # by code point, as UTF-8 bytes sort
+    for n, name in enumerate(reversed(names)):
+        await chat.join(room, presence_entry(f"c{n}", name))
+    await chat.join(room, presence_entry("tab", "alice"))
+    assert await chat.online(room, 3) == Online(names[:3], 7)
+    assert await chat.online(room, 3, after="zoé") == Online(names[3:6], 7)
+    assert await chat.online(room, 3, after="日本") == Online(names[6:], 7)
+    assert await chat.online(room, 3, after="😀 smile") == Online([], 7)
+    assert await chat.online(room, 100, after="b") == Online(names[2:], 7)  # `after` need not be online
+    assert await chat.online(room, 100) == Online(names, 7)
+    assert await chat.online(f"{room}-empty", 10) == Online([], 0)
 
 
 async def test_entries_not_renewed_expire_and_a_renewal_brings_them_back(brokers: Brokers, room: str) -> None:
@@ -273,6 +376,7 @@ async def test_entries_not_renewed_expire_and_a_renewal_brings_them_back(brokers
     listener = await Listener(brokers(presence_ttl=1.0, presence_interval_ms=0)).ready(room)
     await chat.join(room, presence_entry("c1", "alice"))
     await chat.join(room, presence_entry("c2", "bob"))
+    await chat.join(room, presence_entry("c3", "bob"))  # bob's other tab, on the replica that dies
     joined_at = time.monotonic()
 
     def left() -> list[dict[str, Any]]:
@@ -286,11 +390,39 @@ async def test_entries_not_renewed_expire_and_a_renewal_brings_them_back(brokers
 
     await eventually_async(bob_renewed_and_alice_gone, timeout=10, what="alice's entry expiring", interval=0.2)
     assert time.monotonic() - joined_at >= 0.9  # not before her time to live
-    assert left() == [{"type": "presence", "event": "leave", "name": "alice", "online": ["bob"], "online_count": 1}]
+    assert left() == [presence("leave", "alice", [], ["alice"], 1)]  # and bob, with a tab left, stays
+    assert await chat.online(room, 10) == Online(["bob"], 1)
     # Her replica was only cut off from Redis: its next renewal brings her back.
     await chat.refresh(room, [presence_entry("c1", "alice"), presence_entry("c2", "bob")])
     await eventually(lambda: listener.objects(room)[-1]["event"] == "join", timeout=10, what="alice back")
-    assert listener.objects(room)[-1]["online"] == ["alice", "bob"]
+    assert listener.objects(room)[-1] == presence("join", "alice", ["alice"], [], 2)
+    await listener.stop()
+
+
+async def test_many_expired_entries_are_swept_a_bounded_batch_per_call_until_none_is_left(
+    brokers: Brokers, room: str
+) -> None:
+    chat = brokers(presence_ttl=1.0, presence_interval_ms=0)
+    chat.sweep_max = 3
+    listener = await Listener(brokers(presence_ttl=1.0, presence_interval_ms=0)).ready(room)
+    ghosts = [f"ghost-{n:02d}" for n in range(10)]
+    for n, ghost in enumerate(ghosts):
+        await chat.join(room, presence_entry(f"d{n:02d}", ghost))
+    await chat.join(room, presence_entry("c1", "alice"))
+
+    def gone() -> list[str]:
+        return [name for o in listener.objects(room) for name in o["left"]]
+
+    async def alice_renewed_and_ghosts_gone() -> bool:
+        await chat.refresh(room, [presence_entry("c1", "alice")])
+        await asyncio.sleep(0.05)
+        return len(gone()) == len(ghosts)
+
+    await eventually_async(alice_renewed_and_ghosts_gone, timeout=10, what="every ghost swept", interval=0.3)
+    leaves = [o for o in listener.objects(room) if o["left"]]
+    assert all(len(o["left"]) <= 3 for o in leaves)  # no call swept more than its bound
+    assert sorted(gone()) == ghosts
+    assert leaves[-1]["online_count"] == 1
     await listener.stop()
 
 
@@ -303,19 +435,13 @@ async def test_a_burst_of_presence_changes_is_one_event_per_interval(brokers: Br
         await chat.join(room, presence_entry(f"x{n}", f"churn-{n}"))
         await chat.leave(room, presence_entry(f"x{n}", f"churn-{n}"))
     await chat.join(room, presence_entry("c2", "bob"))
-    # The first change at once, then one event carrying the state after the rest, when the interval is over.
+    # The first change at once, then one event carrying the net change of the rest, when the interval is over.
     await eventually(lambda: len(listener.objects(room)) >= 2, timeout=10, what="the coalesced event")
     assert time.monotonic() - started >= 0.4
-    events = listener.objects(room)
-    assert len(events) == 2
-    assert (events[0]["event"], events[0]["name"]) == ("join", "alice")
-    assert events[1] == {
-        "type": "presence",
-        "event": "join",
-        "name": "bob",
-        "online": ["alice", "bob"],
-        "online_count": 2,
-    }
+    assert listener.objects(room) == [
+        presence("join", "alice", ["alice"], [], 1),
+        presence("join", "bob", ["bob"], [], 2),
+    ]
     await listener.stop()
 
 
@@ -330,7 +456,7 @@ async def test_a_waiting_change_is_published_by_the_next_call_once_due(brokers: 
     assert len(listener.objects(room)) == 1
     await chat.refresh(room, [presence_entry("c1", "alice")])
     await eventually(lambda: len(listener.objects(room)) == 2, timeout=10, what="the waiting change")
-    assert listener.objects(room)[-1]["online"] == ["alice", "bob"]
+    assert listener.objects(room)[-1] == presence("join", "bob", ["bob"], [], 2)
     await listener.stop()
 
 

@@ -365,6 +365,8 @@ async def test_when_redis_is_down_the_sender_gets_unavailable_and_nobody_the_mes
         assert ready.status_code == 503
         assert ready.json()["status"] == "unavailable"
         assert stack.get("/health").status_code == 200  # alive, and will reconnect by itself
+        online = stack.get(f"/api/rooms/{room}/online")
+        assert (online.status_code, online.json()["error"]) == (503, "unavailable")
         # Joining needs Redis too: an error the client can read, then close 1013 (try again later).
         newcomer = await ChatClient.open(stack.ws_url)
         await newcomer.send({"type": "join", "name": "newcomer", "room": room})
@@ -396,15 +398,28 @@ async def test_presence_is_right_across_replicas(stack: Stack, replicas: list[st
     assert bob.welcome is not None
     assert (bob.welcome["online"], bob.welcome["online_count"]) == (["alice", "bob"], 2)
     joined = await alice.wait_for(lambda o: o["type"] == "presence" and o["name"] == "bob")
-    assert joined == {"type": "presence", "event": "join", "name": "bob", "online": ["alice", "bob"], "online_count": 2}
+    assert joined == {
+        "type": "presence",
+        "event": "join",
+        "name": "bob",
+        "joined": ["bob"],
+        "left": [],
+        "online_count": 2,
+    }
 
     # A second tab of bob's, on the other replica: bob is online already, so nobody hears of it.
     bob_tab = await client_on(stack.ws_url, replicas[0], name="bob", room=room)
     await bob_tab.close()
     carol = await client_on(stack.ws_url, replicas[0], name="carol", room=room)
     await alice.wait_for(lambda o: o["type"] == "presence" and o["name"] == "carol")
-    about_bob = [o for o in alice.of_type("presence") if o["name"] == "bob"]
-    assert [o["event"] for o in about_bob] == ["join"]
+    about_bob = [o for o in alice.of_type("presence") if "bob" in o["joined"] + o["left"]]
+    assert [o["joined"] for o in about_bob] == [["bob"]]
+    # The list, page by page through nginx (either replica answers), the same as presence says.
+    first = stack.get(f"/api/rooms/{room}/online", params={"limit": "2"})
+    assert first.status_code == 200, first.text
+    assert first.json() == {"room": room, "online": ["alice", "bob"], "online_count": 3, "next": "bob"}
+    rest = stack.get(f"/api/rooms/{room}/online", params={"limit": "2", "after": "bob"}).json()
+    assert rest == {"room": room, "online": ["carol"], "online_count": 3, "next": None}
 
     await bob.close()
     left = await alice.wait_for(lambda o: o["type"] == "presence" and o["event"] == "leave")
@@ -412,7 +427,8 @@ async def test_presence_is_right_across_replicas(stack: Stack, replicas: list[st
         "type": "presence",
         "event": "leave",
         "name": "bob",
-        "online": ["alice", "carol"],
+        "joined": [],
+        "left": ["bob"],
         "online_count": 2,
     }
     heard_by_carol = await carol.wait_for(lambda o: o["type"] == "presence" and o["event"] == "leave")
@@ -437,7 +453,7 @@ async def test_users_of_a_replica_that_dies_without_goodbye_leave_within_about_3
         )
         took = time.monotonic() - killed_at
         assert took < 40, f"the dead replica's user stayed online for {took:.0f} s"
-        assert left["online"] == ["watcher"]
+        assert (left["left"], left["online_count"]) == (["victim"], 1)
         assert not watcher.closed
         assert await victim.wait_closed(timeout=30) != 1000
     finally:

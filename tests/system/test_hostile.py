@@ -280,6 +280,13 @@ async def test_socket_from_own_origin_or_without_origin_is_allowed(stack: Stack,
         ("/api/rooms/%C3%A9/messages", {}, "invalid_room"),
         ("/api/rooms/lob%20by/messages", {}, "invalid_room"),
         ("/api/rooms/{room}/messages", {"before": "\u0661-\u0660"}, "invalid_before"),  # Arabic-Indic digits
+        ("/api/rooms/{room}/online", {"limit": "9" * 5000}, "invalid_limit"),
+        ("/api/rooms/{room}/online", {"limit": "\u0665"}, "invalid_limit"),
+        ("/api/rooms/{room}/online", {"after": "a" * 5000}, "invalid_after"),
+        ("/api/rooms/{room}/online", {"after": ""}, "invalid_after"),
+        ("/api/rooms/{room}/online", {"after": "alice\n"}, "invalid_after"),
+        ("/api/rooms/{room}/online", {"after": "\u202enimda"}, "invalid_after"),  # a right-to-left override
+        ("/api/rooms/UPPER/online", {}, "invalid_room"),
     ],
 )
 def test_http_api_bad_parameters_get_400(stack: Stack, room: str, path: str, params: dict[str, str], code: str) -> None:

@@ -145,10 +145,24 @@ async def test_presence_join_and_leave_reach_the_room(replica: Replica) -> None:
     welcome = await bob.join("bob")
     assert welcome["online"] == ["alice", "bob"]
     joined = await alice.wait_for(lambda o: o["type"] == "presence" and o["name"] == "bob")
-    assert joined == {"type": "presence", "event": "join", "name": "bob", "online": ["alice", "bob"], "online_count": 2}
+    assert joined == {
+        "type": "presence",
+        "event": "join",
+        "name": "bob",
+        "joined": ["bob"],
+        "left": [],
+        "online_count": 2,
+    }
     await bob.close()
     left = await alice.wait_for(lambda o: o["type"] == "presence" and o["event"] == "leave")
-    assert left == {"type": "presence", "event": "leave", "name": "bob", "online": ["alice"], "online_count": 1}
+    assert left == {
+        "type": "presence",
+        "event": "leave",
+        "name": "bob",
+        "joined": [],
+        "left": ["bob"],
+        "online_count": 1,
+    }
 
 
 async def test_rooms_are_isolated(replica: Replica) -> None:
@@ -248,9 +262,42 @@ async def test_an_empty_room_has_no_messages(replica: Replica) -> None:
     assert await response.get_json() == {"room": "nobody-here", "messages": [], "more": False}
 
 
+async def test_the_api_pages_through_who_is_online_in_name_order(replica: Replica) -> None:
+    names = ["Zoë", "alice", "bob", "carol", "dave"]  # by code point: "Z" before "a"
+    for name in reversed(names):
+        await (await replica.chat()).join(name, "people")
+    await (await replica.chat()).join("bob", "people")  # a second tab: one name
+    first = await replica.client.get("/api/rooms/people/online", query_string={"limit": "2"})
+    assert (first.status_code, first.content_type) == (200, "application/json")
+    assert await first.get_json() == {"room": "people", "online": ["Zoë", "alice"], "online_count": 5, "next": "alice"}
+    second = await replica.client.get("/api/rooms/people/online", query_string={"limit": "2", "after": "alice"})
+    assert await second.get_json() == {"room": "people", "online": ["bob", "carol"], "online_count": 5, "next": "carol"}
+    last = await replica.client.get("/api/rooms/people/online", query_string={"limit": "2", "after": "carol"})
+    assert await last.get_json() == {"room": "people", "online": ["dave"], "online_count": 5, "next": None}
+    # `after` need not be online: the names after it.
+    between = await replica.client.get("/api/rooms/people/online", query_string={"after": "bobby"})
+    assert (await between.get_json())["online"] == ["carol", "dave"]
+    everyone = await (await replica.client.get("/api/rooms/people/online")).get_json()  # up to 100 by default
+    assert (everyone["online"], everyone["next"]) == (names, None)
+
+
+async def test_an_empty_room_has_nobody_online(replica: Replica) -> None:
+    response = await replica.client.get("/api/rooms/nobody-here/online")
+    assert await response.get_json() == {"room": "nobody-here", "online": [], "online_count": 0, "next": None}
+
+
 @pytest.mark.parametrize(
     ("path", "code"),
     [
+        ("/api/rooms/Lobby/online", "invalid_room"),
+        ("/api/rooms/lobby/online?limit=0", "invalid_limit"),
+        ("/api/rooms/lobby/online?limit=101", "invalid_limit"),
+        ("/api/rooms/lobby/online?limit=0100", "invalid_limit"),
+        ("/api/rooms/lobby/online?limit=%C2%B2", "invalid_limit"),
+        ("/api/rooms/lobby/online?after=", "invalid_after"),
+        ("/api/rooms/lobby/online?after=%20alice", "invalid_after"),  # names are trimmed: never one
+        ("/api/rooms/lobby/online?after=" + "a" * 33, "invalid_after"),
+        ("/api/rooms/lobby/online?after=alice%E2%80%8B", "invalid_after"),  # a zero-width space
         ("/api/rooms/Lobby/messages", "invalid_room"),
         ("/api/rooms/" + "a" * 33 + "/messages", "invalid_room"),
         ("/api/rooms/lobby/messages?limit=0", "invalid_limit"),
@@ -273,9 +320,10 @@ async def test_bad_api_parameters_are_400_with_a_json_error(replica: Replica, pa
 
 
 async def test_the_limit_bounds_are_allowed(replica: Replica) -> None:
-    for limit in ("1", "100"):
-        response = await replica.client.get("/api/rooms/lobby/messages", query_string={"limit": limit})
-        assert response.status_code == 200
+    for path in ("/api/rooms/lobby/messages", "/api/rooms/lobby/online"):
+        for limit in ("1", "100"):
+            response = await replica.client.get(path, query_string={"limit": limit})
+            assert response.status_code == 200
 
 
 async def test_health_and_ready_answer_with_the_replica_name(replica: Replica) -> None:

@@ -1,8 +1,10 @@
 """The in-memory twin's clock, moved by the test: what the contract suite (tests/system/test_broker_contract.py)
-checks against Redis only as far as real time allows, here to the millisecond and over hours, in no time."""
+checks against Redis only as far as real time allows, here to the millisecond and over hours, in no time. And how
+the Redis broker reads what its scripts publish, which needs no Redis."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -10,7 +12,9 @@ import pytest
 
 from infinite_chat.broker import MemoryBroker, presence_entry
 from infinite_chat.broker import memory as memory_module
+from infinite_chat.broker.redis import _parse_published
 from infinite_chat.config import Settings
+from support.chat import eventually
 from support.listening import Listener
 from support.peer import settle
 
@@ -57,8 +61,8 @@ async def test_renewed_entries_stay_for_as_long_as_they_are_renewed(clock: Clock
         clock.now += 5
         await chat.refresh("lobby", [presence_entry("c2", "bob")])
     await settle()
-    events = [(o["event"], o["name"], o["online"]) for o in listener.objects("lobby")]
-    assert events == [("join", "alice", ["alice"]), ("join", "bob", ["alice", "bob"]), ("leave", "alice", ["bob"])]
+    events = [(o["event"], o["joined"], o["left"], o["online_count"]) for o in listener.objects("lobby")]
+    assert events == [("join", ["alice"], [], 1), ("join", ["bob"], [], 2), ("leave", [], ["alice"], 1)]
     await listener.stop()
 
 
@@ -74,7 +78,27 @@ async def test_a_waiting_presence_change_goes_out_exactly_when_the_interval_ends
     clock.now += 0.001
     await chat._flush_presence("lobby")
     await settle()
-    assert [o["online"] for o in listener.objects("lobby")] == [["alice"], ["alice", "bob"]]
+    assert [o["joined"] for o in listener.objects("lobby")] == [["alice"], ["bob"]]
+    await chat.close()
+    await listener.stop()
+
+
+async def test_a_dead_replicas_many_entries_are_swept_in_bounded_batches_one_call_after_another(clock: Clock) -> None:
+    chat = broker(presence_ttl=20.0, presence_interval_ms=0)
+    chat.sweep_max = 4
+    listener = await Listener(chat).ready("lobby")
+    for n in range(10):
+        await chat.join("lobby", presence_entry(f"d{n}", f"ghost-{n}"))
+    await chat.join("lobby", presence_entry("c1", "alice"))
+    clock.now += 19
+    await chat.refresh("lobby", [presence_entry("c1", "alice")])
+    clock.now += 1  # the ghosts' replica renewed nothing: all ten have expired
+    await chat.refresh("lobby", [presence_entry("c1", "alice")])
+    await settle()
+    # One call swept four; it asked again at once, and so on until none was left.
+    await eventually(lambda: listener.objects("lobby")[-1]["online_count"] == 1, timeout=2, what="the sweep")
+    left = [o["left"] for o in listener.objects("lobby")[11:]]
+    assert left == [[f"ghost-{n}" for n in range(4)], [f"ghost-{n}" for n in range(4, 8)], ["ghost-8", "ghost-9"]]
     await chat.close()
     await listener.stop()
 
@@ -92,3 +116,32 @@ async def test_an_address_allowance_refills_evenly_over_the_hour(clock: Clock) -
     clock.now += 7200  # long idle: full again, and never more than full
     assert await chat.charge("198.18.0.1", 100_000, new_room=False) is None
     assert await chat.charge("198.18.0.1", 1, new_room=False) is not None
+
+
+def test_a_published_presence_event_becomes_the_frame_clients_get() -> None:
+    published = b'lobby\n\nleave\nal\n3\n1\n["bob","carol"]\n["al"]'
+    delivery = _parse_published(published)
+    assert (delivery.room, delivery.id) == ("lobby", None)
+    assert json.loads(delivery.frame) == {
+        "type": "presence",
+        "event": "leave",
+        "name": "al",
+        "joined": ["bob", "carol"],
+        "left": ["al"],
+        "online_count": 3,
+        "truncated": True,
+    }
+
+
+def test_a_presence_event_of_the_release_before_reads_as_truncated() -> None:
+    """Its list cannot say what changed; its last change and a truncated event (clients read the list) can."""
+    delivery = _parse_published(b'lobby\n\njoin\nbob\n2\n["alice","bob"]')
+    assert json.loads(delivery.frame) == {
+        "type": "presence",
+        "event": "join",
+        "name": "bob",
+        "joined": ["bob"],
+        "left": [],
+        "online_count": 2,
+        "truncated": True,
+    }

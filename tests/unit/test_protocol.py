@@ -16,10 +16,12 @@ from infinite_chat.protocol import (
     ProtocolError,
     Say,
     error_frame,
+    is_name,
     message_body,
     message_frame,
     parse_client_frame,
     parse_message_id,
+    presence_frame,
     welcome_frame,
 )
 
@@ -328,3 +330,36 @@ def test_an_error_always_has_code_detail_and_ref() -> None:
 def test_only_rate_limited_errors_say_when_to_retry() -> None:
     obj = json.loads(error_frame(ProtocolError("rate_limited", "Slow down.", "c-3"), retry_after_ms=150))
     assert obj == {"type": "error", "code": "rate_limited", "detail": "Slow down.", "ref": "c-3", "retry_after_ms": 150}
+
+
+def test_a_presence_event_says_truncated_only_when_it_is() -> None:
+    assert json.loads(presence_frame("join", "bob", ["bob"], [], 2, truncated=False)) == {
+        "type": "presence",
+        "event": "join",
+        "name": "bob",
+        "joined": ["bob"],
+        "left": [],
+        "online_count": 2,
+    }
+    assert json.loads(presence_frame("leave", "al", [], ["al"], 1, truncated=True))["truncated"] is True
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("alice", True),
+        ("Zoë 🚀", True),
+        ("a" * NAME_MAX, True),
+        ("a" * (NAME_MAX + 1), False),
+        ("", False),
+        (" alice", False),
+        ("alice ", False),
+        ("alice\u200b", False),
+        ("\u202enimda", False),
+        ("a\nb", False),
+    ],
+)
+def test_is_name_is_true_of_exactly_the_names_a_join_keeps(raw: str, expected: bool) -> None:
+    assert is_name(raw) is expected
+    if expected:
+        assert parse_client_frame(frame(type="join", name=raw)).name == raw  # type: ignore[union-attr]

@@ -14,11 +14,13 @@ from werkzeug.exceptions import HTTPException
 
 from .broker import BrokerUnavailable
 from .config import Settings
-from .protocol import MESSAGE_ID_PATTERN, ROOM_PATTERN, HttpError
+from .protocol import MESSAGE_ID_PATTERN, ROOM_PATTERN, HttpError, is_name
 from .replica import Replica
 from .websocket import ChatSocketRoute
 
 API_LIMIT_MAX = 100
+ROOM_RULE = "A room name has 1 to 32 of a-z, 0-9, - and _."
+LIMIT_RULE = f"limit must be a whole number from 1 to {API_LIMIT_MAX}."
 STATIC = files(__package__).joinpath("static")
 
 # The page may talk only to its own origin. CSP 3 lets connect-src 'self' cover ws:// and wss:// of that origin,
@@ -121,14 +123,10 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.get("/api/rooms/<room>/messages")
     async def room_messages(room: str) -> Response:
         if not ROOM_PATTERN.fullmatch(room):
-            return _bad_request(HttpError.INVALID_ROOM, "A room name has 1 to 32 of a-z, 0-9, - and _.")
-        raw_limit = request.args.get("limit", str(settings.history_size))
-        # Length first: int() of thousands of digits is slow, and past 4,300 Python refuses it with an error.
-        if not (
-            len(raw_limit) <= 3 and raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= API_LIMIT_MAX
-        ):
-            return _bad_request(HttpError.INVALID_LIMIT, f"limit must be a whole number from 1 to {API_LIMIT_MAX}.")
-        limit = int(raw_limit)
+            return _bad_request(HttpError.INVALID_ROOM, ROOM_RULE)
+        limit = _limit(request.args.get("limit", str(settings.history_size)))
+        if limit is None:
+            return _bad_request(HttpError.INVALID_LIMIT, LIMIT_RULE)
         before = request.args.get("before")
         if before is not None and not MESSAGE_ID_PATTERN.fullmatch(before):
             return _bad_request(HttpError.INVALID_BEFORE, "before must be a message id, as in a message's id field.")
@@ -150,8 +148,43 @@ def create_app(settings: Settings | None = None) -> Quart:
             )
         )
 
+    @app.get("/api/rooms/<room>/online")
+    async def room_online(room: str) -> Response:
+        if not ROOM_PATTERN.fullmatch(room):
+            return _bad_request(HttpError.INVALID_ROOM, ROOM_RULE)
+        limit = _limit(request.args.get("limit", str(API_LIMIT_MAX)))
+        if limit is None:
+            return _bad_request(HttpError.INVALID_LIMIT, LIMIT_RULE)
+        after = request.args.get("after")
+        if after is not None and not is_name(after):
+            return _bad_request(HttpError.INVALID_AFTER, "after must be a name, as in the online list.")
+        try:
+            # One more than asked tells whether there is a next page.
+            online = await replica.broker.online(room, limit + 1, after)
+        except BrokerUnavailable:
+            return json_response(
+                {"error": HttpError.UNAVAILABLE, "detail": "Who is online is unavailable for a moment."}, 503
+            )
+        names = online.names[:limit]
+        return json_response(
+            {
+                "room": room,
+                "online": names,
+                "online_count": online.count,
+                "next": names[-1] if len(online.names) > limit else None,
+            }
+        )
+
     app.asgi_app = ChatSocketRoute(replica, app.asgi_app)  # type: ignore[method-assign]
     return app
+
+
+def _limit(raw: str) -> int | None:
+    """An API page's size, or None when `raw` is not a whole number from 1 to API_LIMIT_MAX."""
+    # Length first: int() of thousands of digits is slow, and past 4,300 Python refuses it with an error.
+    if len(raw) <= 3 and raw.isascii() and raw.isdigit() and 1 <= int(raw) <= API_LIMIT_MAX:
+        return int(raw)
+    return None
 
 
 def _bad_request(code: HttpError, detail: str) -> Response:

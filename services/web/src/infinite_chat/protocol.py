@@ -69,6 +69,7 @@ class HttpError(StrEnum):
     INVALID_ROOM = "invalid_room"
     INVALID_LIMIT = "invalid_limit"
     INVALID_BEFORE = "invalid_before"
+    INVALID_AFTER = "invalid_after"
     UNAVAILABLE = "unavailable"
     NOT_FOUND = "not_found"
     UPGRADE_REQUIRED = "upgrade_required"
@@ -111,6 +112,12 @@ def parse_message_id(raw: str) -> MessageId | None:
     if match is None:
         return None
     return int(match.group(1)), int(match.group(2))
+
+
+def is_name(raw: str) -> bool:
+    """Whether `raw` is a name exactly as the server keeps one (a join's name after trimming): what the online list
+    holds, and so what the HTTP API takes as `after`."""
+    return 1 <= len(raw) <= NAME_MAX and raw == raw.strip() and name_problem(raw) is None
 
 
 def parse_client_frame(data: str | bytes) -> Join | Say:
@@ -198,10 +205,23 @@ def message_frame(message_id: str, body: bytes) -> bytes:
     return f'{{"type":"message","id":"{message_id}","ts":"{ts}.{millis:03d}Z",'.encode() + body
 
 
-def presence_frame(event: str, name: str, online: Sequence[str], online_count: int) -> bytes:
-    return orjson.dumps(
-        {"type": "presence", "event": event, "name": name, "online": list(online), "online_count": online_count}
-    )
+def presence_frame(
+    event: str, name: str, joined: Sequence[str], left: Sequence[str], online_count: int, *, truncated: bool
+) -> bytes:
+    """A room's presence change since its previous event: the names that came online and went (each list sorted and
+    at most PRESENCE_LIST_MAX long; `truncated` when more changed than they hold), the last change as `event` and
+    `name`, and how many names are online now."""
+    frame: dict[str, object] = {
+        "type": "presence",
+        "event": event,
+        "name": name,
+        "joined": list(joined),
+        "left": list(left),
+        "online_count": online_count,
+    }
+    if truncated:
+        frame["truncated"] = True
+    return orjson.dumps(frame)
 
 
 def welcome_frame(

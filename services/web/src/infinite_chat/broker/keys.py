@@ -14,13 +14,14 @@ def log_key(room: str) -> str:
     return f"chat:{{{room}}}:log"
 
 
-def online_key(room: str) -> str:
-    return f"chat:{{{room}}}:online"
+# A room's presence keys, in the order presence.lua takes them (KEYS[1] to KEYS[6]; docs/architecture.md has the
+# layout): its connection entries by expiry, each name's count of them, the names online in order, the change since
+# the last event, when each of those changes was made as against the list's reads, and the room's last event.
+PRESENCE_PARTS = ("connections", "counts", "names", "changes", "change-reads", "events")
 
 
-def presence_key(room: str) -> str:
-    """When the room's last presence event went out, and the change waiting for the next one (if any)."""
-    return f"chat:{{{room}}}:presence"
+def presence_keys(room: str) -> list[str]:
+    return [f"chat:{{{room}}}:presence:{part}" for part in PRESENCE_PARTS]
 
 
 def channel_key(room: str) -> str:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from heapq import heappop, heappush
 
 from ..config import Settings
 from ..protocol import ErrorCode, MessageId, parse_message_id, presence_frame
@@ -27,13 +28,74 @@ from .base import (
 
 
 @dataclass(slots=True)
-class _PresenceEvents:
-    """What presence.lua keeps in a room's presence hash: when its last event went out, and the change waiting."""
+class _RoomPresence:
+    """What presence.lua keeps of a room, the same way: connection entries with their expiry, each name's count of
+    them, the names online in order, the net change since the last event, and when that event went out."""
 
+    connections: dict[str, float] = field(default_factory=dict)  # entry -> expiry (monotonic seconds)
+    # (expiry, entry) in expiry order, for the sweep; an item whose entry has since been renewed or removed is stale
+    # and skipped when it comes up (within one PRESENCE_TTL, so a few items per entry at most).
+    expiries: list[tuple[float, str]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)  # sorted by code point, as Redis orders UTF-8 bytes
+    changes: dict[str, str] = field(default_factory=dict)  # name -> "+" (came online) or "-" (went)
+    # For each change: the list reads there had been when it was made, or None once a read has seen it.
+    change_reads: dict[str, int | None] = field(default_factory=dict)
+    reads: int = 0  # lists read (welcomes, API pages) since the last event while a change waited
     at: float = float("-inf")
-    due: bool = False
     event: str = ""
     name: str = ""
+
+    def gained(self, name: str) -> bool:
+        """A connection of this name came; True when that recorded a new change (the name came online)."""
+        self.counts[name] = self.counts.get(name, 0) + 1
+        if self.counts[name] == 1:
+            insort(self.names, name)
+            return self.changed("+", name)
+        return False
+
+    def lost(self, name: str) -> None:
+        self.counts[name] -= 1
+        if self.counts[name] == 0:
+            del self.counts[name]
+            del self.names[bisect_left(self.names, name)]
+            self.changed("-", name)
+
+    def changed(self, sign: str, name: str) -> bool:
+        # Against the state at the last event: the opposite change of the same name undoes it, if no list was read
+        # since; else the reader saw it changed, and the next event says where it stands now.
+        self.event, self.name = ("join" if sign == "+" else "leave"), name
+        if name not in self.changes:
+            self.changes[name], self.change_reads[name] = sign, self.reads
+            return True
+        if self.change_reads[name] == self.reads:
+            del self.changes[name], self.change_reads[name]
+        else:
+            self.changes[name], self.change_reads[name] = sign, None
+        return False
+
+    def read(self) -> None:
+        """A read of the list (a welcome, a page) while changes wait: they can no longer cancel out unannounced."""
+        if self.changes:
+            self.reads += 1
+
+    def listed(self, after: str | None, limit: int) -> Online:
+        start = 0 if after is None else bisect_right(self.names, after)
+        return Online(self.names[start : start + limit], len(self.names))
+
+    def sweep(self, now: float, limit: int) -> bool:
+        """Removes up to `limit` expired entries; True when more are left."""
+        expiries = self.expiries
+        swept = 0
+        while expiries and expiries[0][0] <= now:
+            if swept == limit and self.connections.get(expiries[0][1]) == expiries[0][0]:
+                return True
+            expiry, entry = heappop(expiries)
+            if self.connections.get(entry) == expiry:
+                del self.connections[entry]
+                self.lost(_name_of(entry))
+                swept += 1
+        return False
 
 
 @dataclass(slots=True)
@@ -51,8 +113,7 @@ class MemoryBroker(Broker):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._logs: dict[str, list[tuple[MessageId, str, bytes]]] = {}
-        self._online: dict[str, dict[str, float]] = {}
-        self._events: dict[str, _PresenceEvents] = {}
+        self._room_presence: dict[str, _RoomPresence] = {}
         self._allowances: dict[str, _Allowance] = {}
         self._listeners: set[asyncio.Queue[Delivery]] = set()
         self._heard: set[str] = set()
@@ -130,49 +191,74 @@ class MemoryBroker(Broker):
         self._allowances[address] = left
         return None
 
-    async def _presence_call(self, action: str, room: str, entries: Sequence[str]) -> tuple[Online, int]:
+    async def _presence_call(
+        self, action: str, room: str, entries: Sequence[str], *, after: str | None, limit: int
+    ) -> tuple[Online | None, int]:
         # presence.lua, in Python: the same changes, the same events, the same coalescing.
-        online = self._online.setdefault(room, {})
+        settings = self.settings
+        if action == "page" and room not in self._room_presence:
+            return Online([], 0), 0  # as in Redis, reading a room nobody is in leaves nothing behind
+        state = self._room_presence.setdefault(room, _RoomPresence())
         now = time.monotonic()
-        change: tuple[str, str] | None = None
-        expired = [entry for entry, expiry in online.items() if expiry <= now]
-        for entry in expired:
-            del online[entry]
-        for entry in expired:
-            if self._count_name(room, entry) == 0:
-                change = ("leave", _name_of(entry))
-        for entry in entries:
-            if action in ("join", "refresh"):
-                was_new = entry not in online
-                online[entry] = now + self.settings.presence_ttl
-                if was_new and self._count_name(room, entry) == 1:
-                    change = ("join", _name_of(entry))
-            elif action == "leave" and online.pop(entry, None) is not None and self._count_name(room, entry) == 0:
-                change = ("leave", _name_of(entry))
-        events = self._events.setdefault(room, _PresenceEvents())
-        if change is not None:
-            events.due, (events.event, events.name) = True, change
-        wait_ms = 0
-        if events.due:
-            interval = self.settings.presence_interval_ms / 1000
-            if now - events.at >= interval:
-                self._announce(room, events.event, events.name)
-                events.at, events.due = now, False
+        unswept = state.sweep(now, self.sweep_max)
+        if action == "join":
+            [entry] = entries
+            name = _name_of(entry)
+            added = self._renew(state, entry, now)
+            if added and state.gained(name):
+                # As in presence.lua: the welcome's own read does not keep the joiner's change from cancelling out.
+                state.read()
+                state.change_reads[name] = state.reads
             else:
-                wait_ms = max(1, math.ceil((events.at + interval - now) * 1000))
-        return self._names(room), wait_ms
+                state.read()
+        elif action == "refresh":
+            for entry in entries:
+                if self._renew(state, entry, now):
+                    state.gained(_name_of(entry))
+        elif action == "leave":
+            for entry in entries:
+                if state.connections.pop(entry, None) is not None:
+                    state.lost(_name_of(entry))
+        wait_ms = 0
+        if state.changes:
+            interval = settings.presence_interval_ms / 1000
+            if now - state.at >= interval:
+                self._announce(room, state)
+                state.at = now
+            else:
+                wait_ms = max(1, math.ceil((state.at + interval - now) * 1000))
+        if unswept:
+            wait_ms = 1
+        online = None
+        if action == "join":
+            online = state.listed(None, settings.presence_list_max)
+        elif action == "page":
+            online = state.listed(after, limit)
+            state.read()
+        return online, wait_ms
 
-    def _count_name(self, room: str, entry: str) -> int:
-        name = _name_of(entry)
-        return sum(1 for other in self._online.get(room, {}) if _name_of(other) == name)
+    def _renew(self, state: _RoomPresence, entry: str, now: float) -> bool:
+        """Renews (or adds) an entry; True when it was not there."""
+        added = entry not in state.connections
+        expiry = now + self.settings.presence_ttl
+        state.connections[entry] = expiry
+        heappush(state.expiries, (expiry, entry))
+        return added
 
-    def _announce(self, room: str, event: str, name: str) -> None:
-        online = self._names(room)
-        self._publish(Delivery(room, None, presence_frame(event, name, online.names, online.count)))
-
-    def _names(self, room: str) -> Online:
-        names = sorted({_name_of(entry) for entry in self._online.get(room, {})})
-        return Online(names[: self.settings.presence_list_max], len(names))
+    def _announce(self, room: str, state: _RoomPresence) -> None:
+        list_max = self.settings.presence_list_max
+        joined = sorted(name for name, sign in state.changes.items() if sign == "+")
+        left = sorted(name for name, sign in state.changes.items() if sign == "-")
+        event, name = state.event, state.name
+        if state.changes.get(name) != ("+" if event == "join" else "-"):
+            # The last change undid an earlier one: another net change names the event.
+            event, name = ("join", joined[0]) if joined else ("leave", left[0])
+        truncated = len(joined) > list_max or len(left) > list_max
+        frame = presence_frame(event, name, joined[:list_max], left[:list_max], len(state.names), truncated=truncated)
+        state.changes.clear()
+        state.change_reads.clear()
+        state.reads = 0
+        self._publish(Delivery(room, None, frame))
 
     def _publish(self, delivery: Delivery) -> None:
         if delivery.room not in self._heard:

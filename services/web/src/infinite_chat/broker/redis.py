@@ -1,5 +1,5 @@
-"""The one module that talks to Redis: each room's log (a stream), who is online (a sorted set), each address's
-allowance (a hash), and a channel per room.
+"""The one module that talks to Redis: each room's log (a stream), who is online (sorted sets and hashes), each
+address's allowance (a hash), and a channel per room.
 
 A message is appended to its room's stream and published on the room's channel in a single Lua script
 (lua/append.lua), so it is stored before anyone sees it and every replica hearing the room gets its messages in log
@@ -40,7 +40,7 @@ from .base import (
     QuotaRefusal,
     message_delivery,
 )
-from .keys import channel_key, log_key, old_log_key, online_key, presence_key, quota_key
+from .keys import channel_key, log_key, old_log_key, presence_keys, quota_key
 from .subscriptions import ClusterTopology, OneServer, Subscriptions, Topology
 
 log = logging.getLogger(__name__)
@@ -218,12 +218,15 @@ class RedisBroker(Broker):
             return None
         return QuotaRefusal(ErrorCode(verdict.decode()), max(1, int(wait)))
 
-    async def _presence_call(self, action: str, room: str, entries: Sequence[str]) -> tuple[Online, int]:
+    async def _presence_call(
+        self, action: str, room: str, entries: Sequence[str], *, after: str | None, limit: int
+    ) -> tuple[Online | None, int]:
         settings = self.settings
+        page: list[str | int] = [after or "", limit] if action == "page" else []
         try:
             await self._discover()
-            names_json, count, wait = await self._presence_script(
-                keys=[online_key(room), presence_key(room)],
+            names, count, wait = await self._presence_script(
+                keys=presence_keys(room),
                 args=[
                     action,
                     int(settings.presence_ttl * 1000),
@@ -231,13 +234,15 @@ class RedisBroker(Broker):
                     channel_key(room),
                     room,
                     settings.presence_interval_ms,
+                    self.sweep_max,
                     *entries,
+                    *page,
                 ],
             )
         except (RedisError, OSError) as error:
             raise _unavailable(error) from None
-        names: list[str] = orjson.loads(names_json)
-        return Online(names, int(count)), int(wait)
+        online = Online([name.decode() for name in names], int(count)) if action in ("join", "page") else None
+        return online, int(wait)
 
     async def subscribe(self, room: str) -> None:
         await self.subscriptions.subscribe(room)
@@ -281,12 +286,27 @@ def _deliveries(room: str, entries: Any) -> list[Delivery]:
 
 def _parse_published(data: bytes) -> Delivery:
     """What append.lua and presence.lua publish: "<room>\n<id>\n<body>" for a message, and
-    "<room>\n\n<event>\n<name>\n<count>\n<names>" for a presence event."""
+    "<room>\n\n<event>\n<name>\n<count>\n<truncated>\n<joined>\n<left>" for a presence event (the lists as
+    JSON)."""
     room, message_id, rest = data.split(b"\n", 2)
     if message_id:
         return message_delivery(room.decode(), message_id, rest)
-    event, name, count, names = rest.split(b"\n", 3)
-    frame = presence_frame(event.decode(), name.decode(), orjson.loads(names), int(count))
+    fields = rest.split(b"\n")
+    if len(fields) != 6:
+        # "<event>\n<name>\n<count>\n<names>" from a replica of the release before presence deltas: its last
+        # change is all it says of the net change, so the event is marked truncated (clients refetch the list).
+        last_event, last_name, online_count = (field.decode() for field in fields[:3])
+        changed = [last_name]
+        frame = (
+            presence_frame(last_event, last_name, changed, [], int(online_count), truncated=True)
+            if last_event == "join"
+            else presence_frame(last_event, last_name, [], changed, int(online_count), truncated=True)
+        )
+        return Delivery(room.decode(), None, frame)
+    event, name, count, truncated, joined, left = fields
+    frame = presence_frame(
+        event.decode(), name.decode(), orjson.loads(joined), orjson.loads(left), int(count), truncated=truncated == b"1"
+    )
     return Delivery(room.decode(), None, frame)
 
 

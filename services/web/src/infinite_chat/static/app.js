@@ -12,7 +12,13 @@ const TEXT_CONTROL = /[^\P{Cc}\n\t]|[\u2028\u2029]/u;
 const EDGE_SPACE = /^[\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+|[\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+$/gu;
 
 const PAGE_SIZE = 50;
-const OLDER_TRIES = 3;
+const API_TRIES = 3;
+// Who is online: at most this many names are kept and shown (two pages of the API); the count is always exact.
+const ONLINE_KEEP = 200;
+const ONLINE_PAGE = 100;
+// After a truncated presence event the whole room reads the list again: each page waits up to this long first, so
+// that a room of thousands does not ask in the same instant.
+const ONLINE_REFETCH_SPREAD_MS = 2000;
 const NEAR_EDGE_PX = 48;
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_CAP_MS = 5000;
@@ -62,6 +68,17 @@ const chat = {
   outage: null, // {note, since} while the connection is lost after having been up
   unreadHidden: 0,
   atBottom: true, // the reader is following the conversation at the bottom
+};
+
+// Who is online, kept as docs/protocol.md says ("Keeping the list"): the welcome's names, then each presence
+// event's `joined` and `left`; read again from the API after a `truncated` event.
+const presence = {
+  names: [], // sorted by code point: all names online when `complete`, else the first ones
+  count: 0,
+  complete: true,
+  generation: 0, // bumped by every welcome: a read of the list begun before it is dropped
+  refetch: null, // while the list is read again: {events: [presence events since], again: another truncated one came}
+  stale: false, // the last read failed: read again on the next event
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -241,18 +258,137 @@ function setReplica(replica) {
   ui.replica.setAttribute("aria-label", `Server replica ${replica}`);
 }
 
-function setOnline(names, count) {
-  const list = Array.isArray(names) ? names.map(String) : [];
-  const total = Number.isInteger(count) ? count : list.length;
-  const items = list.map((name) => {
+// Names compare by code point, as the server sorts them (JavaScript's < compares UTF-16 units, which differs past U+FFFF).
+function compareNames(a, b) {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i += 1) {
+    const x = a.codePointAt(i);
+    const y = b.codePointAt(i);
+    if (x !== y) return x < y ? -1 : 1;
+    if (x > 0xffff) i += 1;
+  }
+  return a.length - b.length;
+}
+
+function nameIndex(name) {
+  let low = 0;
+  let high = presence.names.length;
+  while (low < high) {
+    const middle = (low + high) >> 1;
+    if (compareNames(presence.names[middle], name) < 0) low = middle + 1;
+    else high = middle;
+  }
+  return low;
+}
+
+function strings(value) {
+  return Array.isArray(value) ? value.filter((item) => typeof item === "string") : [];
+}
+
+function setOnline(names, count, complete) {
+  presence.names = [...new Set(names)].sort(compareNames);
+  presence.count = Number.isInteger(count) ? count : presence.names.length;
+  presence.complete = complete;
+  keepAtMost();
+}
+
+function keepAtMost() {
+  if (presence.names.length > ONLINE_KEEP) {
+    presence.names.length = ONLINE_KEEP;
+    presence.complete = false;
+  }
+}
+
+// One event's change. A list of the first names only takes the names that sort among them.
+function applyPresence(event) {
+  for (const name of strings(event.left)) {
+    const at = nameIndex(name);
+    if (presence.names[at] === name) presence.names.splice(at, 1);
+  }
+  for (const name of strings(event.joined)) {
+    const at = nameIndex(name);
+    if (presence.names[at] === name) continue;
+    if (presence.complete || at < presence.names.length) presence.names.splice(at, 0, name);
+  }
+  keepAtMost();
+}
+
+function onPresence(event) {
+  if (Number.isInteger(event.online_count)) presence.count = event.online_count;
+  applyPresence(event);
+  if (presence.refetch) {
+    presence.refetch.events.push(event);
+    if (event.truncated === true) presence.refetch.again = true;
+  } else if (event.truncated === true || presence.stale || (!presence.complete && !presence.names.length && presence.count)) {
+    refetchOnline();
+  } else if (!presence.complete && presence.names.length === presence.count) {
+    presence.complete = true; // the first names are all of them now
+  }
+  showOnline();
+}
+
+// Reads the list again (paged, at most ONLINE_KEEP names), then applies the events that came meanwhile.
+function refetchOnline() {
+  const generation = presence.generation;
+  const room = chat.room;
+  const refetch = { events: [], again: false };
+  presence.refetch = refetch;
+  setTimeout(async () => {
+    let read = null;
+    try {
+      read = await fetchOnline(room);
+    } catch (error) {
+      console.warn("infinite-chat: who is online", error);
+    }
+    if (generation !== presence.generation) return;
+    presence.refetch = null;
+    presence.stale = read === null;
+    if (read) {
+      setOnline(read.names, read.count, read.complete);
+      for (const event of refetch.events) applyPresence(event);
+      showOnline();
+    }
+    if (refetch.again) refetchOnline();
+  }, Math.random() * ONLINE_REFETCH_SPREAD_MS);
+}
+
+async function fetchOnline(room) {
+  const names = [];
+  let after = null;
+  let count = 0;
+  for (let page = 0; page < ONLINE_KEEP / ONLINE_PAGE; page += 1) {
+    const query = new URLSearchParams({ limit: String(ONLINE_PAGE) });
+    if (after !== null) query.set("after", after);
+    const answer = await fetchJson(`/api/rooms/${encodeURIComponent(room)}/online?${query}`);
+    names.push(...strings(answer.online));
+    count = Number.isInteger(answer.online_count) ? answer.online_count : names.length;
+    after = typeof answer.next === "string" ? answer.next : null;
+    if (after === null) return { names, count, complete: true };
+  }
+  return { names, count, complete: false };
+}
+
+function resetOnline(names = [], count = 0) {
+  presence.generation += 1;
+  presence.refetch = null;
+  presence.stale = false;
+  const list = strings(names);
+  setOnline(list, count, !(Number.isInteger(count) && count > list.length));
+  showOnline();
+}
+
+function showOnline() {
+  const total = presence.count;
+  const items = presence.names.map((name) => {
     const li = el("li", name === chat.name ? "me" : "", name);
     if (name === chat.name) li.append(el("span", "you", " (you)"));
     return li;
   });
   ui.online.replaceChildren(...items);
   ui.onlineCount.textContent = String(total);
-  ui.onlineMore.hidden = total <= list.length;
-  ui.onlineMore.textContent = `+${total - list.length} more`;
+  const more = Math.max(0, total - presence.names.length);
+  ui.onlineMore.hidden = more === 0;
+  ui.onlineMore.textContent = `+${more} more`;
   ui.peopleToggle.textContent = `${total} online`;
 }
 
@@ -330,7 +466,7 @@ function enterRoom(name, room) {
   ui.chatView.hidden = false;
   ui.leave.hidden = false;
   ui.peopleToggle.hidden = false;
-  setOnline([], 0);
+  resetOnline();
   ui.text.focus();
   connect();
 }
@@ -443,7 +579,7 @@ function dispatch(obj) {
       onMessage(obj);
       break;
     case "presence":
-      setOnline(obj.online, obj.online_count);
+      onPresence(obj);
       break;
     case "error":
       onError(obj);
@@ -458,7 +594,7 @@ function onWelcome(welcome) {
   chat.attempt = 0;
   setStatus("online", "Connected");
   setReplica(String(welcome.replica));
-  setOnline(welcome.online, welcome.online_count);
+  resetOnline(welcome.online, welcome.online_count);
   const history = Array.isArray(welcome.history) ? welcome.history : [];
   // Messages that reached the server before the socket dropped are in the resumed history: not sent twice.
   for (const message of history) {
@@ -679,11 +815,9 @@ function maybeLoadOlder() {
 }
 
 // Network hiccups (and a 503 while Redis is away for a moment) get two more tries before the reader is asked.
-async function fetchOlder(room, before) {
-  const query = new URLSearchParams({ before, limit: String(PAGE_SIZE) });
-  const url = `/api/rooms/${encodeURIComponent(room)}/messages?${query}`;
+async function fetchJson(url) {
   let problem;
-  for (let attempt = 0; attempt < OLDER_TRIES; attempt += 1) {
+  for (let attempt = 0; attempt < API_TRIES; attempt += 1) {
     if (attempt) await new Promise((resolve) => setTimeout(resolve, BACKOFF_FIRST_MS * 2 ** attempt));
     let response;
     try {
@@ -697,6 +831,11 @@ async function fetchOlder(room, before) {
     if (response.status < 500) break; // a bad request stays bad
   }
   throw problem;
+}
+
+function fetchOlder(room, before) {
+  const query = new URLSearchParams({ before, limit: String(PAGE_SIZE) });
+  return fetchJson(`/api/rooms/${encodeURIComponent(room)}/messages?${query}`);
 }
 
 async function loadOlder() {
