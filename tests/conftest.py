@@ -37,6 +37,14 @@ def stack() -> Iterator[Stack]:
         yield started
 
 
+@pytest.fixture(scope="session")
+def cluster_stack() -> Iterator[Stack]:
+    """The whole stack on the Redis Cluster of the `cluster` profile (six nodes instead of the single Redis), started
+    once per session, and only when a test asks for it."""
+    with running_stack(cluster=True) as started:
+        yield started
+
+
 @pytest.fixture
 def room() -> str:
     """A room of the test's own, so tests never see each other's messages."""

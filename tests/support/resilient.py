@@ -10,13 +10,17 @@ import contextlib
 import json
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
 from .addresses import forwarded, new_address
+from .chat import eventually
+
+if TYPE_CHECKING:
+    from .stack import Stack
 
 Obj = dict[str, Any]
 
@@ -215,3 +219,36 @@ def read_log(base_url: str, room: str) -> list[Obj]:
                 break
             before = body["messages"][0]["id"]
     return [message for page in reversed(pages) for message in page]
+
+
+async def keep_saying(client: ResilientClient, stop: asyncio.Event, every: float, text: str = "") -> None:
+    """One sender: a message every `every` seconds (under the rate limit) until `stop`."""
+    n = 0
+    while not stop.is_set():
+        await client.say(text or f"{client.name} says {n}", ref=f"{client.name}-{n}")
+        n += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+
+
+async def settle(stack: Stack, room: str, clients: list[ResilientClient], timeout: float = 90) -> list[str]:
+    """Waits until every sender's messages are acknowledged and every client has the whole log; returns its ids."""
+    try:
+        await eventually(
+            lambda: all(not client.unacked for client in clients), timeout=timeout, what="every message acknowledged"
+        )
+    except AssertionError as error:
+        waiting = {c.name: (sorted(c.unacked)[:5], c.closes, c.live, c.errors[-3:]) for c in clients if c.unacked}
+        raise AssertionError(f"{error}; unacked (refs, closes, live, errors): {waiting}") from None
+    log = await asyncio.to_thread(read_log, stack.base_url, room)
+    ids = [message["id"] for message in log]
+    try:
+        await eventually(
+            lambda: all(len(client.delivered) >= len(ids) for client in clients),
+            timeout=timeout,
+            what=f"every client holding all {len(ids)} messages",
+        )
+    except AssertionError as error:
+        behind = {c.name: (len(c.delivered), c.closes, c.live) for c in clients if len(c.delivered) < len(ids)}
+        raise AssertionError(f"{error}; behind (held, closes, live): {behind}") from None
+    return ids

@@ -1,6 +1,7 @@
 """Chat core (issue 3) on the real stack, only through nginx: every error code, bad input, exactly-once delivery in one
 order across both replicas, history from Redis across restarts, resuming with `since`, presence (also when a replica
-dies), isolated rooms, and the history API."""
+dies), isolated rooms, and the history API. Every test runs twice: on the single Redis and on the Redis Cluster (the
+`cluster` profile), where the tests' rooms are spread over the three primaries."""
 
 from __future__ import annotations
 
@@ -9,10 +10,32 @@ import json
 import time
 from typing import Any
 
+import pytest
+
 from support.chat import ChatClient, Obj, client_on, eventually, still_chats
-from support.stack import Stack
+from support.stack import Stack, room_on, room_slot
 
 HISTORY_SIZE = 25
+# The rooms handed out on each stack (key: whether it is the cluster), for the check that they covered every shard.
+HANDED_OUT: dict[bool, list[str]] = {}
+
+
+@pytest.fixture(scope="session", params=["standalone", "cluster"])
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The session's stack on the single Redis (conftest's `stack`), or on the Redis Cluster (`cluster_stack`)."""
+    started: Stack = request.getfixturevalue("stack" if request.param == "standalone" else "cluster_stack")
+    return started
+
+
+@pytest.fixture
+def room(stack: Stack) -> str:
+    """A room of the test's own; on the cluster, on each primary in turn, so that these tests cover every shard."""
+    handed_out = HANDED_OUT.setdefault(stack.cluster, [])
+    primaries = stack.primaries()
+    handed_out.append(room_on(primaries[len(handed_out) % len(primaries)]))
+    return handed_out[-1]
+
+
 # A message of protocol v1 as the server sends it: the keys every one has (ref only when the sender gave one).
 MESSAGE_KEYS = {"type", "id", "ts", "room", "name", "text"}
 
@@ -311,8 +334,8 @@ async def test_history_survives_restarting_both_web_replicas_and_redis(
         assert late.welcome["history"] == said[-HISTORY_SIZE:]
         await late.close()
 
-    await asyncio.to_thread(stack.docker, "restart", stack.containers("redis")[0])
-    await asyncio.to_thread(stack.wait_healthy)
+    # The single Redis, or every node of the cluster (and the cluster whole again).
+    await asyncio.to_thread(stack.restart_redis)
     await both_replicas_answer(stack, replicas)
     # Every request is served once Redis is back, also on connections that each replica held from before: several
     # at once, so that each replica's pool hands out more than its newest connection.
@@ -355,8 +378,7 @@ async def test_when_redis_is_down_the_sender_gets_unavailable_and_nobody_the_mes
     kept = await alice.say_and_wait("before the outage", "kept")
     await bob.wait_for(lambda o: o.get("ref") == "kept")
 
-    redis = stack.containers("redis")[0]
-    await asyncio.to_thread(stack.docker, "stop", redis)
+    await asyncio.to_thread(stack.stop_redis)  # the single Redis, or every node of the cluster
     try:
         refused = await bob.say_and_wait("during the outage", "lost", timeout=20)
         assert (refused["type"], refused["code"]) == ("error", "unavailable"), refused
@@ -374,8 +396,7 @@ async def test_when_redis_is_down_the_sender_gets_unavailable_and_nobody_the_mes
         assert error["code"] == "unavailable"
         assert await newcomer.wait_closed(timeout=15) == 1013
     finally:
-        await asyncio.to_thread(stack.docker, "start", redis)
-        await asyncio.to_thread(stack.wait_healthy)
+        await asyncio.to_thread(stack.start_redis)
 
     retried = await say_accepted(bob, "during the outage", "retried")
     await alice.wait_for(lambda o: o.get("ref") == "retried", timeout=30)
@@ -508,3 +529,20 @@ def test_health_and_ready_through_nginx(stack: Stack, replicas: list[str]) -> No
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
     assert ready.json()["replica"] in replicas
+
+
+def test_the_rooms_of_these_tests_covered_every_primary_of_the_cluster(cluster_stack: Stack) -> None:
+    """The `room` fixture's rooms, as the cluster itself places them: each room's slot as CLUSTER KEYSLOT says (the
+    same as the tests compute), and among their owners, as CLUSTER NODES says, every primary. Runs after the tests
+    above, which hand them out."""
+    rooms = HANDED_OUT.get(True, [])
+    assert len(rooms) >= 3, "run this with the other tests of the module: they hand out the rooms it checks"
+    primaries = cluster_stack.primaries()
+    assert len(primaries) == 3
+    owners = set()
+    for room in rooms:
+        slot = int(cluster_stack.redis_cli("cluster", "keyslot", f"chat:{{{room}}}:log"))
+        assert slot == room_slot(room), room
+        [owner] = [node.id for node in primaries if node.serves(slot)]
+        owners.add(owner)
+    assert owners == {node.id for node in primaries}

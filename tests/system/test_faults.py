@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import resource
-import statistics
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -19,8 +18,9 @@ import websockets
 
 from support.addresses import forwarded
 from support.chat import ChatClient, client_on, eventually, eventually_async
+from support.figures import report, seconds
 from support.rawws import RawSocket
-from support.resilient import ResilientClient, read_log, start_all
+from support.resilient import ResilientClient, keep_saying, settle, start_all
 from support.stack import Stack
 
 OUTBOX_LIMIT = 1000  # the stack's defaults (docker-compose.yml)
@@ -32,27 +32,6 @@ OUTAGE_SECONDS = 6.0
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-
-
-def report(name: str, **figures: object) -> None:
-    """Figures a test measured, printed for `pytest -s` and kept for docs/reliability.md."""
-    line = json.dumps({"test": name, **figures})
-    print(f"\nFIGURES {line}")
-    out = os.environ.get("RELIABILITY_FIGURES")
-    if out:
-        with open(out, "a", encoding="utf-8") as file:
-            file.write(line + "\n")
-
-
-def seconds(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    ordered = sorted(values)
-    return {
-        "p50": round(statistics.median(ordered), 3),
-        "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 3),
-        "max": round(ordered[-1], 3),
-    }
 
 
 def inspect(stack: Stack, container: str, template: str) -> str:
@@ -70,39 +49,6 @@ def restored(stack: Stack) -> Iterator[None]:
                 if inspect(stack, container, "{{.State.Running}}") != "true":
                     stack.docker("start", container)
         stack.wait_healthy()
-
-
-async def keep_saying(client: ResilientClient, stop: asyncio.Event, every: float, text: str = "") -> None:
-    """One sender: a message every `every` seconds (under the rate limit) until `stop`."""
-    n = 0
-    while not stop.is_set():
-        await client.say(text or f"{client.name} says {n}", ref=f"{client.name}-{n}")
-        n += 1
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every)
-
-
-async def settle(stack: Stack, room: str, clients: list[ResilientClient], timeout: float = 90) -> list[str]:
-    """Waits until every sender's messages are acknowledged and every client has the whole log; returns its ids."""
-    try:
-        await eventually(
-            lambda: all(not client.unacked for client in clients), timeout=timeout, what="every message acknowledged"
-        )
-    except AssertionError as error:
-        waiting = {c.name: (sorted(c.unacked)[:5], c.closes, c.live, c.errors[-3:]) for c in clients if c.unacked}
-        raise AssertionError(f"{error}; unacked (refs, closes, live, errors): {waiting}") from None
-    log = await asyncio.to_thread(read_log, stack.base_url, room)
-    ids = [message["id"] for message in log]
-    try:
-        await eventually(
-            lambda: all(len(client.delivered) >= len(ids) for client in clients),
-            timeout=timeout,
-            what=f"every client holding all {len(ids)} messages",
-        )
-    except AssertionError as error:
-        behind = {c.name: (len(c.delivered), c.closes, c.live) for c in clients if len(c.delivered) < len(ids)}
-        raise AssertionError(f"{error}; behind (held, closes, live): {behind}") from None
-    return ids
 
 
 def assert_exactly_once(clients: list[ResilientClient], ids: list[str], refs_sent: set[str]) -> None:
