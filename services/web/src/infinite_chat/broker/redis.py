@@ -22,7 +22,6 @@ import orjson
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from .. import metrics
@@ -41,7 +40,7 @@ from .base import (
     message_delivery,
 )
 from .keys import channel_key, log_key, old_log_key, presence_keys, quota_key
-from .subscriptions import ClusterTopology, OneServer, Subscriptions, Topology
+from .subscriptions import REDIS_FAILURES, ClusterTopology, OneServer, Subscriptions, Topology
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class RedisBroker(Broker):
         """redis-py's cluster client must learn the cluster's layout before its first commands: sent by many tasks at
         once to a client that has not, they race each other's discovery and fail (measured here: 16 to 29 of 40
         concurrent first appends refused with ConnectionError; its maintainers say to call `initialize` first,
-        redis/redis-py#3032). Raises RedisError when no node answers."""
+        redis/redis-py#3032). Raises one of REDIS_FAILURES when no node answers."""
         if self._discovered:
             return
         async with self._discovering:
@@ -137,7 +136,7 @@ class RedisBroker(Broker):
                 await asyncio.wait_for(self.redis.ping(target_nodes=RedisCluster.DEFAULT_NODE), 2.0)
             else:
                 await asyncio.wait_for(self.redis.ping(), 2.0)
-        except (RedisError, OSError, TimeoutError) as error:
+        except REDIS_FAILURES as error:  # TimeoutError is an OSError
             raise _unavailable(error) from None
 
     async def append(self, room: str, body: bytes) -> str:
@@ -147,7 +146,7 @@ class RedisBroker(Broker):
                 keys=[log_key(room)],
                 args=[body, self.settings.retain, channel_key(room), room, self._idle_seconds],
             )
-        except (RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             raise _unavailable(error) from None
         return message_id.decode() if isinstance(message_id, bytes) else str(message_id)
 
@@ -158,7 +157,7 @@ class RedisBroker(Broker):
         try:
             await self._discover()
             entries = await self.redis.xrevrange(log_key(room), f"({before}" if before else "+", "-", count=limit)
-        except (RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             raise _unavailable(error) from None
         return _deliveries(room, entries)[::-1]
 
@@ -179,7 +178,7 @@ class RedisBroker(Broker):
                         pipe.xrange(key, cursor, cursor, count=1)
                     pipe.xrange(key, "-" if cursor is None else f"({cursor}", "+", count=count)
                     replies = await pipe.execute()
-            except (RedisError, OSError) as error:
+            except REDIS_FAILURES as error:
                 raise _unavailable(error) from None
             if cursor is not None and not replies[0]:
                 # Not in the log (made up, trimmed, or the room's log is gone): nothing after it can be trusted. On
@@ -212,7 +211,7 @@ class RedisBroker(Broker):
                     QUOTA_WINDOW_MS,
                 ],
             )
-        except (RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             raise _unavailable(error) from None
         if verdict == b"ok":
             return None
@@ -239,7 +238,7 @@ class RedisBroker(Broker):
                     *page,
                 ],
             )
-        except (RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             raise _unavailable(error) from None
         online = Online([name.decode() for name in names], int(count)) if action in ("join", "page") else None
         return online, int(wait)
@@ -273,7 +272,7 @@ class RedisBroker(Broker):
                         "room has a log under both key layouts: the old one is kept, not shown",
                         extra={"event": "migrate_conflict", "room": room},
                     )
-        except (RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             raise _unavailable(error) from None
         if moved or kept:
             log.info("moved %d room logs to the new key layout", moved, extra={"event": "migrated", "kept": kept})

@@ -25,13 +25,16 @@ from typing import Any
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .. import metrics
 from .base import BrokerUnavailable, Delivery, OnSubscribed
 from .keys import channel_key, is_listening_key, listening_key, room_of_channel, slot_of
 
 log = logging.getLogger(__name__)
+# What a Redis that is away, or a cluster that is failing over, raises: redis-py's cluster client raises some that
+# are not RedisErrors (RedisClusterException when no node answers, SlotNotCoveredError for a slot with no primary).
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError)
 # How long a join waits for Redis to confirm its room's subscription before it is told the chat is unavailable.
 SUBSCRIBE_TIMEOUT = 5.0
 # Deliveries read from the nodes and not yet handed to the rooms: past this, the nodes' readers wait (and Redis
@@ -60,6 +63,10 @@ class SlotMoved(Exception):
     """Redis ended a room's subscription by itself: its slot now belongs to another node."""
 
 
+# What ends a node's subscription connection: the node is away, or it no longer serves a room's slot.
+SUBSCRIPTION_LOST = (RedisError, RedisClusterException, OSError, BrokerUnavailable, SlotMoved)
+
+
 class Topology(ABC):
     """Which node serves which channel, and a connection to each."""
 
@@ -73,7 +80,7 @@ class Topology(ABC):
 
     @abstractmethod
     def node_of(self, channel: str) -> str:
-        """The node that serves this channel's slot. RedisError when nobody does (yet)."""
+        """The node that serves this channel's slot. BrokerUnavailable when nobody does (yet)."""
 
     @abstractmethod
     def batches(self, channels: Iterable[str]) -> list[list[str]]:
@@ -131,7 +138,7 @@ class OneServer(Topology):
         return self._subscriber
 
     async def drop_idle(self, node: str) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             await self._commands.connection_pool.disconnect(inuse_connections=False)
 
     async def close(self) -> None:
@@ -158,7 +165,9 @@ class ClusterTopology(Topology):
     def node_of(self, channel: str) -> str:
         try:
             return str(self._cluster.nodes_manager.get_node_from_slot(slot_of(channel)).name)
-        except (KeyError, RedisError) as error:  # SlotNotCoveredError is a RedisError; #4296 raises KeyError
+        except REDIS_FAILURES as error:  # SlotNotCoveredError: no primary for the slot now
+            raise BrokerUnavailable(f"no node serves the slot of {channel}") from error
+        except KeyError as error:  # the same, before the first discovery (redis/redis-py#4296)
             raise BrokerUnavailable(f"no node serves the slot of {channel}") from error
 
     def batches(self, channels: Iterable[str]) -> list[list[str]]:
@@ -186,12 +195,12 @@ class ClusterTopology(Topology):
     async def drop_idle(self, node: str) -> None:
         cluster_node = self._cluster.get_node(node_name=node)
         if cluster_node is not None:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await cluster_node.disconnect_free_connections()
 
     async def close(self) -> None:
         for client in self._subscribers.values():
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await client.aclose()
         self._subscribers.clear()
 
@@ -241,7 +250,7 @@ class Subscriptions:
                 for node in self.topology.primaries():
                     self._shard(node)
                 break
-            except (RedisError, OSError) as error:
+            except REDIS_FAILURES as error:
                 log.warning("Redis layout unknown: %s", type(error).__name__, extra={"event": "redis_lost"})
                 await asyncio.sleep(backoff.next_delay())
         # Rooms asked for before this: on the nodes that serve them now.
@@ -300,7 +309,7 @@ class Subscriptions:
     async def relocate(self, lost: Shard) -> None:
         """After `lost`'s connection went: each of its rooms to the node that serves it now, with a catch-up once
         it is heard there. A node that serves nothing any more (a primary that failed over) is let go."""
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             await self.topology.refresh()
         for room in list(lost.rooms):
             try:
@@ -310,7 +319,7 @@ class Subscriptions:
             if node != lost.node:
                 lost.rooms.discard(room)
                 await self._shard(node).add(room, moved=True)
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             primaries = self.topology.primaries()
             for node in primaries:
                 self._shard(node)
@@ -342,6 +351,18 @@ class Shard:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"fan-out {self.node}")
+            self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """`_run` ends only when stopped. Should an error it does not expect end it, the node's rooms would never
+        be heard again: say so, and start over."""
+        if task.cancelled() or self._task is not task:
+            return
+        log.error(
+            "fan-out of a node failed: %r", task.exception(), extra={"event": "fan_out_failed", "node": self.node}
+        )
+        self._task = None
+        asyncio.get_running_loop().call_later(1.0, self.start)
 
     def stop(self) -> None:
         if self._task is not None:
@@ -356,7 +377,7 @@ class Shard:
         if pubsub is not None:
             # Confirmed by `_run`, which reads the connection's replies. If the connection has just gone, `_run`
             # asks again for every room once it is back.
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await pubsub.ssubscribe(channel_key(room))
 
     async def remove(self, room: str) -> None:
@@ -365,7 +386,7 @@ class Shard:
         pubsub = self._pubsub
         if pubsub is not None:
             self._leaving[channel_key(room)] += 1
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await pubsub.sunsubscribe(channel_key(room))
 
     async def _run(self) -> None:
@@ -417,7 +438,7 @@ class Shard:
                         await subscriptions.deliver(subscriptions.parse(message["data"]))
                     else:
                         await self._on_reply(message)
-            except (RedisError, OSError, BrokerUnavailable, SlotMoved) as error:
+            except SUBSCRIPTION_LOST as error:
                 metrics.REDIS_ERRORS.labels("subscribe").inc()
                 log.warning(
                     "fan-out subscription lost: %s",
@@ -429,7 +450,7 @@ class Shard:
                 self._pubsub = None
                 subscriptions.unconfirm(self.rooms)
                 self._leaving.clear()
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_FAILURES):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             metrics.REDIS_RECONNECTS.inc()
             await subscriptions.relocate(self)
