@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from support.redis_server import ClusterServer, RedisServer, redis_image_built, started_cluster, started_redis
 from support.stack import Stack, running_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,3 +56,24 @@ def room() -> str:
 def replicas(stack: Stack) -> list[str]:
     """The names the web replicas give themselves, in container order."""
     return [stack.replica_name(container) for container in stack.web_containers()]
+
+
+@pytest.fixture(scope="session")
+def redis_image() -> Iterator[str]:
+    """The image of services/redis, built once per session for the broker tests."""
+    with redis_image_built() as image:
+        yield image
+
+
+@pytest.fixture(scope="module")
+def redis_server(redis_image: str) -> Iterator[RedisServer]:
+    """A Redis of that image of the test module's own (support/redis_server.py)."""
+    with started_redis(redis_image) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(redis_image: str) -> Iterator[ClusterServer]:
+    """A Redis Cluster of that image (three primaries, a replica each) of the test module's own."""
+    with started_cluster(redis_image) as server:
+        yield server

@@ -14,7 +14,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -33,25 +33,7 @@ from infinite_chat.config import Settings
 from infinite_chat.protocol import message_body, message_frame, parse_message_id
 from support.chat import eventually, eventually_async
 from support.listening import Listener
-from support.redis_server import ClusterServer, RedisServer, redis_image_built, started_cluster, started_redis
-
-
-@pytest.fixture(scope="module")
-def redis_image() -> Iterator[str]:
-    with redis_image_built() as image:
-        yield image
-
-
-@pytest.fixture(scope="module")
-def redis_server(redis_image: str) -> Iterator[RedisServer]:
-    with started_redis(redis_image) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def redis_cluster(redis_image: str) -> Iterator[ClusterServer]:
-    with started_cluster(redis_image) as server:
-        yield server
+from support.redis_server import ClusterServer, RedisServer
 
 
 class Brokers:

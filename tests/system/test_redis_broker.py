@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import pytest
@@ -21,20 +21,8 @@ from infinite_chat.rooms import Rooms
 from support.chat import eventually
 from support.listening import Listener
 from support.peer import Peer, outbox
-from support.redis_server import RedisServer, redis_image_built, started_redis
+from support.redis_server import RedisServer, started_redis
 from support.stack import free_port
-
-
-@pytest.fixture(scope="module")
-def redis_image() -> Iterator[str]:
-    with redis_image_built() as image:
-        yield image
-
-
-@pytest.fixture(scope="module")
-def redis_server(redis_image: str) -> Iterator[RedisServer]:
-    with started_redis(redis_image) as server:
-        yield server
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -19,13 +19,13 @@ from infinite_chat.protocol import message_body
 from infinite_chat.rooms import Rooms
 from support.chat import eventually
 from support.peer import Peer, outbox
-from support.redis_server import ClusterServer, redis_image_built, started_cluster
+from support.redis_server import ClusterServer
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ClusterServer]:
-    with redis_image_built() as image, started_cluster(image) as server:
-        yield server
+@pytest.fixture
+def cluster(redis_cluster: ClusterServer) -> ClusterServer:
+    """The module's cluster (tests/conftest.py), under a shorter name."""
+    return redis_cluster
 
 
 @pytest.fixture
