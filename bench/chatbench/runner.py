@@ -321,19 +321,13 @@ class ScenarioRun:
         )
         return steps
 
-    def step(self, total_rate: float) -> dict[str, Any]:
-        sc, opt = self.sc, self.opt
-        assert self.pool is not None
-        pool = self.pool
-        progress = pool.ask(worker.Poll(), worker.Progress, timeout=30)
-        open_clients = [(c, room) for p in progress for c, room in p.open_clients]
-        slots = pick_senders(self.senders, self.rooms, open_clients)
-        per_sender = total_rate / self.senders if self.senders else 0.0
+    def start_step(
+        self, slots: list[int], per_sender: float, t0: int, measure_from: int, measure_to: int
+    ) -> list[object]:
+        """The command that starts the next step in each generator process (its share of the senders)."""
         tag = f"{self.tag}{self.step_no:x}"
         self.step_no += 1
-        t0 = time.monotonic_ns() + 150_000_000  # time for every process to get the command
-        measure_from = t0 + int(sc.warmup_s * 1e9)
-        measure_to = measure_from + int(sc.duration_s * 1e9)
+        sc, opt = self.sc, self.opt
         commands: list[object] = [
             worker.StartStep(
                 tag=tag,
@@ -348,6 +342,20 @@ class ScenarioRun:
             )
             for w in range(self.procs)
         ]
+        return commands
+
+    def step(self, total_rate: float) -> dict[str, Any]:
+        sc, opt = self.sc, self.opt
+        assert self.pool is not None
+        pool = self.pool
+        progress = pool.ask(worker.Poll(), worker.Progress, timeout=30)
+        open_clients = [(c, room) for p in progress for c, room in p.open_clients]
+        slots = pick_senders(self.senders, self.rooms, open_clients)
+        per_sender = total_rate / self.senders if self.senders else 0.0
+        t0 = time.monotonic_ns() + 150_000_000  # time for every process to get the command
+        measure_from = t0 + int(sc.warmup_s * 1e9)
+        measure_to = measure_from + int(sc.duration_s * 1e9)
+        commands = self.start_step(slots, per_sender, t0, measure_from, measure_to)
         self.log(
             f"{sc.name} step {self.step_no}: {total_rate:.1f} msgs/s offered ({len(slots)} senders x "
             f"{per_sender:.2f}/s, {sc.arrival}), {len(open_clients)} clients"
@@ -508,26 +516,12 @@ class ScenarioRun:
         elsewhere = [x for x in open_clients if x[0] not in held] or open_clients
         slots = pick_senders(self.senders, self.rooms, elsewhere)
         per_sender = sc.sender_rate()
-        tag = f"{self.tag}{self.step_no:x}"
-        self.step_no += 1
         t0 = time.monotonic_ns() + 150_000_000
         restart_at = t0 + int(sc.warmup_s * 1e9)
         send_to = restart_at + int(sc.duration_s * 1e9)
         deadline_ns = restart_at + int(sc.storm_deadline_s * 1e9)
-        commands: list[object] = [
-            worker.StartStep(
-                tag=tag,
-                slots=[(k, c) for k, c in enumerate(slots) if self.owner[c] == w],
-                total_slots=len(slots),
-                rate_per_sender=per_sender,
-                arrival=sc.arrival,
-                seed=opt.seed + self.step_no,
-                t0_ns=t0,
-                measure_from_ns=t0,  # every message counts: those before the restart too
-                measure_to_ns=send_to,
-            )
-            for w in range(self.procs)
-        ]
+        # Every message counts, those before the restart too: measured from t0.
+        commands = self.start_step(slots, per_sender, t0, t0, send_to)
         pool.ask(commands, type(None), timeout=30)
         sleep_until(restart_at)
         pool.ask(worker.StormArm(deadline_ns, opt.seed), type(None), timeout=30)
