@@ -70,7 +70,7 @@ async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[Brokers]:
 
 
 async def say(chat: Broker, room: str, text: str) -> str:
-    return await chat.append(room, message_body(room, "alice", text, None))
+    return (await chat.append(room, message_body(room, "alice", text, None), name="alice", ref=None)).id
 
 
 async def read(chat: Broker, room: str, position: str | None, **bounds: int) -> LogRead:
@@ -105,7 +105,7 @@ async def test_ids_grow_strictly_even_within_one_millisecond(brokers: Brokers, r
 async def test_a_stored_message_reads_back_as_the_object_clients_get(brokers: Brokers, room: str) -> None:
     chat = brokers()
     body = message_body(room, "alice", "hi", "c-1")
-    message_id = await chat.append(room, body)
+    message_id = (await chat.append(room, body, name="alice", ref="c-1")).id
     [delivery] = await chat.recent(room, 25)
     assert delivery.frame == message_frame(message_id, body)
     assert delivery.id == parse_message_id(message_id)
@@ -222,6 +222,51 @@ async def test_what_is_said_right_after_a_confirmed_subscription_is_heard(broker
     await eventually(lambda: all(listener.objects(each) for each in rooms), timeout=10, what="every first message")
     assert [len(listener.objects(each)) for each in rooms] == [1] * 30
     await listener.stop()
+
+
+async def test_a_say_retried_with_the_same_name_and_ref_is_stored_once(brokers: Brokers, room: str) -> None:
+    first, second, hearing = brokers(), brokers(), brokers()
+    listener = await Listener(hearing).ready(room)
+    body = message_body(room, "alice", "once", "r-1")
+    stored = await first.append(room, body, name="alice", ref="r-1")
+    assert not stored.retried
+    assert stored.repeat is None
+    # Again, through another replica's broker: nothing stored, and the answer is the message of the first try.
+    again = await second.append(room, message_body(room, "alice", "once", "r-1"), name="alice", ref="r-1")
+    assert again.retried
+    assert again.id == stored.id
+    assert again.repeat is not None
+    assert again.repeat.frame == message_frame(stored.id, body)
+    # Another name's ref, or a say without a ref, is its own message.
+    bob = await first.append(room, message_body(room, "bob", "mine", "r-1"), name="bob", ref="r-1")
+    plain = [
+        await first.append(room, message_body(room, "alice", "no ref", None), name="alice", ref=None) for _ in "ab"
+    ]
+    assert not bob.retried
+    assert not any(p.retried for p in plain)
+    log = (await read(first, room, None)).deliveries
+    assert texts(log) == ["once", "mine", "no ref", "no ref"]
+    await eventually(lambda: len(listener.objects(room)) == 4, timeout=10, what="four messages published")
+    assert [o["text"] for o in listener.objects(room)] == ["once", "mine", "no ref", "no ref"]
+    await listener.stop()
+
+
+async def test_a_ref_is_forgotten_after_the_retry_window(brokers: Brokers, room: str) -> None:
+    chat = brokers(retry_window=1)
+    await chat.append(room, message_body(room, "alice", "first", "r-1"), name="alice", ref="r-1")
+    assert (await chat.append(room, message_body(room, "alice", "first", "r-1"), name="alice", ref="r-1")).retried
+
+    async def stored_anew() -> bool:
+        return not (
+            await chat.append(room, message_body(room, "alice", "later", "r-1"), name="alice", ref="r-1")
+        ).retried
+
+    # Remembered for one to two windows: within three seconds a new say with that ref is stored.
+    deadline = asyncio.get_running_loop().time() + 5
+    while not await stored_anew():
+        assert asyncio.get_running_loop().time() < deadline, "the ref was still remembered after 5 s"
+        await asyncio.sleep(0.2)
+    assert texts((await read(chat, room, None)).deliveries)[0] == "first"
 
 
 # ---- presence --------------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class BrokerFactory:
 
 
 async def say(chat: RedisBroker, room: str, text: str) -> str:
-    return await chat.append(room, message_body(room, "alice", text, None))
+    return (await chat.append(room, message_body(room, "alice", text, None), name="alice", ref=None)).id
 
 
 async def read(chat: RedisBroker, room: str, position: str | None, **bounds: int) -> LogRead:
@@ -179,7 +179,7 @@ async def test_after_a_redis_restart_no_command_fails_on_an_old_connection(
 async def test_an_unreachable_redis_is_unavailable_not_a_crash() -> None:
     nowhere = RedisBroker(Settings(replica_name="t", redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     with pytest.raises(BrokerUnavailable):
-        await nowhere.append("lobby", message_body("lobby", "a", "hi", None))
+        await nowhere.append("lobby", message_body("lobby", "a", "hi", None), name="a", ref=None)
     with pytest.raises(BrokerUnavailable):
         await nowhere.ping()
     with pytest.raises(BrokerUnavailable):

@@ -59,7 +59,7 @@ async def test_rooms_on_every_primary_are_heard_on_one_connection_per_primary(
         await hall.hear(member)
         hall.welcome(member, b"welcome", None)
     for room in peers:
-        await sender.append(room, message_body(room, "alice", f"to {room}", None))
+        await sender.append(room, message_body(room, "alice", f"to {room}", None), name="alice", ref=None)
     await eventually(lambda: all(len(p.objects) == 2 for p in peers.values()), timeout=10, what="every room heard")
     for room, peer in peers.items():
         assert json.loads(peer.objects[1])["text"] == f"to {room}"
@@ -98,7 +98,9 @@ async def test_a_primary_failing_over_interrupts_only_its_own_rooms_and_they_res
         n = 0
         while not stop.is_set():
             try:
-                accepted[room].append(await sender.append(room, message_body(room, "alice", f"m{n}", None)))
+                accepted[room].append(
+                    (await sender.append(room, message_body(room, "alice", f"m{n}", None), name="alice", ref=None)).id
+                )
             except BrokerUnavailable:
                 refused[room].append(time.monotonic())
             n += 1
@@ -156,13 +158,18 @@ async def test_a_room_whose_slot_moves_to_another_primary_is_followed_there_with
     member = hall.enter(room, outbox(peer), "bob")
     await hall.hear(member)
     hall.welcome(member, b"welcome", None)
-    said = [await sender.append(room, message_body(room, "alice", f"before {n}", None)) for n in range(3)]
+    said = [
+        (await sender.append(room, message_body(room, "alice", f"before {n}", None), name="alice", ref=None)).id
+        for n in range(3)
+    ]
     await eventually(lambda: len(peer.objects) == 4, timeout=10, what="the first three")
     # Redis ends the subscription by itself (sunsubscribe) when the slot leaves its node: the replica follows the
     # room to the new node and catches up from the log, which moved with the slot.
     cluster.move_slot(slot, primaries[1])
     for n in range(3):
-        said.append(await sender.append(room, message_body(room, "alice", f"after {n}", None)))
+        said.append(
+            (await sender.append(room, message_body(room, "alice", f"after {n}", None), name="alice", ref=None)).id
+        )
     await eventually(lambda: len(peer.objects) == 7, timeout=15, what="the three after the move")
     assert [json.loads(o)["id"] for o in peer.objects[1:]] == said
     with cluster.client(primaries[1]) as client:

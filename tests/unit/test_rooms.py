@@ -84,13 +84,13 @@ async def test_rooms_hear_only_their_own_and_an_empty_room_is_forgotten() -> Non
 
 async def test_a_gap_after_a_lost_subscription_is_filled_from_the_log() -> None:
     rooms, broker = setup()
-    first = await broker.append("lobby", message_body("lobby", "bob", "before", None))
+    first = (await broker.append("lobby", message_body("lobby", "bob", "before", None), name="bob", ref=None)).id
     sink = Peer()
     member = rooms.enter("lobby", outbox(sink), "alice")
     rooms.welcome(member, b"welcome", parse_message_id(first))
     # Said while this replica was not subscribed: it reaches the member only through the log.
     for text in ("m1", "m2"):
-        await broker.append("lobby", message_body("lobby", "bob", text, None))
+        await broker.append("lobby", message_body("lobby", "bob", text, None), name="bob", ref=None)
     await rooms.fill_gaps()
     await settle()
     assert [json.loads(o)["text"] for o in sink.objects[1:]] == ["m1", "m2"]
@@ -98,12 +98,12 @@ async def test_a_gap_after_a_lost_subscription_is_filled_from_the_log() -> None:
 
 async def test_a_gap_larger_than_a_resume_closes_the_rooms_members_to_resume_on_their_own() -> None:
     rooms, broker = setup(resume_max_messages=3)
-    first = await broker.append("lobby", message_body("lobby", "bob", "before", None))
+    first = (await broker.append("lobby", message_body("lobby", "bob", "before", None), name="bob", ref=None)).id
     sink = Peer()
     member = rooms.enter("lobby", outbox(sink), "alice")
     rooms.welcome(member, b"welcome", parse_message_id(first))
     for n in range(5):
-        await broker.append("lobby", message_body("lobby", "bob", f"m{n}", None))
+        await broker.append("lobby", message_body("lobby", "bob", f"m{n}", None), name="bob", ref=None)
     await rooms.fill_gaps()
     await settle()
     # What could be read goes out first: the member resumes from there.

@@ -154,6 +154,16 @@ class Rooms:
             room.joining.discard(member)
             room.live.add(member.connection)
 
+    def has_passed(self, member: Member, delivery: Delivery) -> bool:
+        """Whether this member's stream is past the message: it was in its welcome's history, or was fanned out to
+        it, or is older than both. A message it has not passed reaches it through the fan-out."""
+        room = self._rooms.get(member.room)
+        if delivery.id is None or room is None:
+            return False
+        return (member.joined_at is not None and delivery.id <= member.joined_at) or (
+            room.last_id is not None and delivery.id <= room.last_id
+        )
+
     def remove(self, connection: Connection) -> Member | None:
         """Takes a connection out of its room; the member it was, or None when it was in none."""
         member = self._members.pop(connection, None)

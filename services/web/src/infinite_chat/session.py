@@ -8,7 +8,7 @@ import logging
 
 from . import metrics
 from .allowances import Allowances
-from .broker import Broker, BrokerUnavailable, Delivery, Online, QuotaRefusal
+from .broker import Broker, BrokerUnavailable, Delivery, NotConfirmed, Online, QuotaRefusal
 from .config import Settings
 from .connection import Connection
 from .protocol import (
@@ -140,11 +140,21 @@ class Session:
             if refusal is not None:
                 self._refuse(_quota_error(refusal, say.ref), retry_after_ms=refusal.retry_after_ms)
                 return
-            await self.broker.append(member.room, body)
+            appended = await self.broker.append(member.room, body, name=member.name, ref=say.ref)
+        except NotConfirmed:
+            # Stored, but a failover now could lose it: not shown to anyone yet, and the sender may not count on it.
+            detail = "Not confirmed: the chat could not make sure your message is kept. Send it again (same ref)."
+            raise ProtocolError(ErrorCode.UNAVAILABLE, detail, say.ref) from None
         except BrokerUnavailable:
             detail = "Not sent: the chat cannot store messages right now. Try again."
             raise ProtocolError(ErrorCode.UNAVAILABLE, detail, say.ref) from None
         self.room_is_new = False
+        if appended.retried:
+            # Stored once, by an earlier try. If this connection's stream is past it (it was in the welcome, or fanned
+            # out to it), it gets it again as the echo it waits for; otherwise it is on its way, as to everyone else.
+            if appended.repeat is not None and self.rooms.has_passed(member, appended.repeat):
+                self.connection.push(appended.repeat)
+            return
         metrics.MESSAGES_ACCEPTED.inc()
 
     async def end(self) -> None:

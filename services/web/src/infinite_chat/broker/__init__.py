@@ -1,15 +1,17 @@
 """The state the replicas share: rooms' logs and the fan-out, presence, and per-address allowances. `open_broker`
-picks Redis (REDIS_URL set) or the in-memory twin."""
+picks Redis (REDIS_URL or REDIS_SENTINELS set) or the in-memory twin."""
 
 from __future__ import annotations
 
 from ..config import Settings
 from .base import (
+    Appended,
     Broker,
     BrokerUnavailable,
     Delivery,
     Log,
     LogRead,
+    NotConfirmed,
     Online,
     Presence,
     QuotaRefusal,
@@ -21,12 +23,14 @@ from .memory import MemoryBroker
 from .redis import RedisBroker
 
 __all__ = [
+    "Appended",
     "Broker",
     "BrokerUnavailable",
     "Delivery",
     "Log",
     "LogRead",
     "MemoryBroker",
+    "NotConfirmed",
     "Online",
     "Presence",
     "QuotaRefusal",
@@ -39,6 +43,6 @@ __all__ = [
 
 
 def open_broker(settings: Settings) -> Broker:
-    if settings.redis_url:
+    if settings.uses_redis:
         return RedisBroker(settings)
     return MemoryBroker(settings)

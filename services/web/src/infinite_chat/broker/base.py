@@ -31,6 +31,12 @@ class BrokerUnavailable(Exception):
     """Redis could not be reached or did not answer in time: nothing was stored, the caller may retry."""
 
 
+class NotConfirmed(BrokerUnavailable):
+    """A message was stored on its primary, but not enough replicas had it in time (REDIS_CONFIRM_REPLICAS): it is
+    not shown yet, and a failover now would lose it. A retry with the same ref stores nothing more and confirms it;
+    a later message's confirmation also shows it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One object for the clients of a room: a message (with its id) or a presence event (id None).
@@ -63,6 +69,17 @@ class LogRead:
 
 
 @dataclass(frozen=True, slots=True)
+class Appended:
+    """A message in its room's log."""
+
+    id: str
+    # For a retry of a say stored before (same name and ref, within RETRY_WINDOW_SECONDS): the message as stored
+    # then, or None once it has left the log. None for a message stored now.
+    repeat: Delivery | None = None
+    retried: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class QuotaRefusal:
     """Why an address may not add a message now, and when it may again."""
 
@@ -89,8 +106,10 @@ class Log(ABC):
     """Each room's log, and the fan-out of what is appended to it."""
 
     @abstractmethod
-    async def append(self, room: str, body: bytes) -> str:
-        """Stores a message and publishes it, in one atomic step; returns its id."""
+    async def append(self, room: str, body: bytes, *, name: str, ref: str | None) -> Appended:
+        """Stores a message and publishes it, in one atomic step, unless a say with the same name and ref was stored
+        within the retry window: then nothing is stored, and the answer is that message. Returns once the message is
+        as safe as the policy asks (REDIS_CONFIRM_REPLICAS), else raises NotConfirmed."""
 
     @abstractmethod
     async def recent(self, room: str, limit: int, before: str | None = None) -> list[Delivery]:
@@ -221,6 +240,9 @@ class Broker(Log, Presence, Quotas):
 
     @abstractmethod
     async def ping(self) -> None: ...
+
+    async def check_policy(self) -> None:
+        """Logs a durability setting that does not fit the storage (nothing to check, by default)."""
 
     async def migrate(self) -> None:
         """Moves what an earlier release stored under other keys to where this one reads it (nothing, by default)."""

@@ -14,6 +14,22 @@ def log_key(room: str) -> str:
     return f"chat:{{{room}}}:log"
 
 
+def confirmed_key(room: str) -> str:
+    """The newest message of the room that its primary's replicas are known to have (REDIS_CONFIRM_REPLICAS): what
+    readers of the log may show. Messages after it are held back until a confirmation passes them."""
+    return f"chat:{{{room}}}:confirmed"
+
+
+def retry_keys(room: str) -> list[str]:
+    """The refs of the room's messages of this retry window and of the one before (append.lua: "<name>\n<ref>" ->
+    message id), so that a retried say is stored once."""
+    return [f"chat:{{{room}}}:refs", f"chat:{{{room}}}:refs:before"]
+
+
+def retry_field(name: str, ref: str) -> str:
+    return f"{name}\n{ref}"
+
+
 # A room's presence keys, in the order presence.lua takes them (KEYS[1] to KEYS[6]; docs/architecture.md has the
 # layout): its connection entries by expiry, each name's count of them, the names online in order, the change since
 # the last event, when each of those changes was made as against the list's reads, and the room's last event.

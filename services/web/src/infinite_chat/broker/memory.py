@@ -17,6 +17,7 @@ from ..config import Settings
 from ..protocol import ErrorCode, MessageId, parse_message_id, presence_frame
 from .base import (
     QUOTA_WINDOW_MS,
+    Appended,
     Broker,
     Delivery,
     LogRead,
@@ -25,6 +26,7 @@ from .base import (
     QuotaRefusal,
     message_delivery,
 )
+from .keys import retry_field
 
 
 @dataclass(slots=True)
@@ -99,6 +101,34 @@ class _RoomPresence:
 
 
 @dataclass(slots=True)
+class _Refs:
+    """What append.lua keeps of a room's refs, with the same expiries: this retry window's hash (gone 2 windows
+    after its last ref) and the one before's (gone a window after it was turned)."""
+
+    now: dict[str, str] = field(default_factory=dict)
+    before: dict[str, str] = field(default_factory=dict)
+    began: float = 0.0
+    last: float = 0.0
+    before_until: float = 0.0
+
+    def find(self, key: str, at: float, window: float) -> str | None:
+        if at >= self.last + 2 * window:
+            self.now = {}
+        if at >= self.before_until:
+            self.before = {}
+        return self.now.get(key) or self.before.get(key)
+
+    def keep(self, key: str, message_id: str, at: float, window: float) -> None:
+        self.find(key, at, window)
+        if self.now and at - self.began >= window:
+            self.before, self.before_until, self.now = self.now, at + window, {}
+        if not self.now:
+            self.began = at
+        self.now[key] = message_id
+        self.last = at
+
+
+@dataclass(slots=True)
 class _Allowance:
     """What quota.lua keeps per address: bytes and rooms left, as of `at` (seconds)."""
 
@@ -115,6 +145,7 @@ class MemoryBroker(Broker):
         self._logs: dict[str, list[tuple[MessageId, str, bytes]]] = {}
         self._room_presence: dict[str, _RoomPresence] = {}
         self._allowances: dict[str, _Allowance] = {}
+        self._refs: dict[str, _Refs] = {}
         self._listeners: set[asyncio.Queue[Delivery]] = set()
         self._heard: set[str] = set()
         self._last: MessageId = (0, 0)
@@ -125,15 +156,26 @@ class MemoryBroker(Broker):
     async def ping(self) -> None:
         pass
 
-    async def append(self, room: str, body: bytes) -> str:
+    async def append(self, room: str, body: bytes, *, name: str, ref: str | None) -> Appended:
+        # append.lua, in Python: the same retry windows.
+        refs = self._refs.setdefault(room, _Refs())
+        key = retry_field(name, ref) if ref is not None else None
+        if key is not None:
+            known = refs.find(key, time.monotonic(), self.settings.retry_window)
+            if known is not None:
+                stored = [entry for entry in self._logs.get(room, []) if entry[1] == known]
+                repeat = message_delivery(room, known, stored[0][2]) if stored else None
+                return Appended(known, repeat, retried=True)
         millis = max(int(time.time() * 1000), self._last[0])
         self._last = (millis, self._last[1] + 1 if millis == self._last[0] else 0)
         message_id = f"{self._last[0]}-{self._last[1]}"
         entries = self._logs.setdefault(room, [])
         entries.append((self._last, message_id, body))
         del entries[: -self.settings.retain]
+        if key is not None:
+            refs.keep(key, message_id, time.monotonic(), self.settings.retry_window)
         self._publish(message_delivery(room, message_id, body))
-        return message_id
+        return Appended(message_id)
 
     async def recent(self, room: str, limit: int, before: str | None = None) -> list[Delivery]:
         entries = self._logs.get(room, [])
