@@ -46,6 +46,14 @@ def cluster_stack() -> Iterator[Stack]:
         yield started
 
 
+@pytest.fixture(scope="session")
+def ha_stack() -> Iterator[Stack]:
+    """The whole stack on the `ha` profile's primary, replica and three Sentinels instead of the single Redis,
+    started once per session, and only when a test asks for it."""
+    with running_stack(ha=True) as started:
+        yield started
+
+
 @pytest.fixture
 def room() -> str:
     """A room of the test's own, so tests never see each other's messages."""

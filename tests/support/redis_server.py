@@ -33,9 +33,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def broker(self, **settings: Any) -> RedisBroker:
-        """A RedisBroker on this server, as a replica would have one, with these settings."""
+        """A RedisBroker on this server, as a replica would have one, with these settings (a Redis without replicas:
+        nothing to wait for, REDIS_CONFIRM_REPLICAS=0, unless the test says otherwise)."""
+        chosen = {"redis_confirm_replicas": 0} | settings
         return RedisBroker(
-            Settings(replica_name="broker-test", redis_url=self.url, redis_password=Secret(self.password), **settings)
+            Settings(replica_name="broker-test", redis_url=self.url, redis_password=Secret(self.password), **chosen)
         )
 
     def restart(self) -> None:

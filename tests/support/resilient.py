@@ -27,7 +27,14 @@ Obj = dict[str, Any]
 
 class ResilientClient:
     def __init__(
-        self, url: str, name: str, room: str, *, origin: str | None = None, address: str | None = None
+        self,
+        url: str,
+        name: str,
+        room: str,
+        *,
+        origin: str | None = None,
+        address: str | None = None,
+        retry_unavailable: bool = False,
     ) -> None:
         self.url = url
         # One person, one address, across every reconnection.
@@ -53,6 +60,9 @@ class ResilientClient:
         self.unacked: dict[str, str] = {}  # ref -> text: sent, neither echoed nor refused yet
         self.sent_at: dict[str, float] = {}  # ref -> time.monotonic() of the first send
         self.refused: dict[str, Obj] = {}  # ref -> the error that refused it (other than rate_limited)
+        # As the page does: a say refused with `unavailable` is sent again (same ref) after a pause, until echoed.
+        self.retry_unavailable = retry_unavailable
+        self.unavailable: dict[str, int] = {}  # ref -> how many times it was refused with `unavailable`
         self.resent: list[str] = []
         self._ws: ClientConnection | None = None
         self._live = asyncio.Event()
@@ -172,6 +182,9 @@ class ResilientClient:
                     asyncio.get_running_loop().call_later(
                         obj["retry_after_ms"] / 1000, lambda: asyncio.ensure_future(self._resend(refused))
                     )
+                elif obj["code"] == "unavailable" and self.retry_unavailable:
+                    self.unavailable[refused] = self.unavailable.get(refused, 0) + 1
+                    asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(self._resend(refused)))
                 else:
                     self.refused[refused] = obj
                     self.unacked.pop(refused, None)

@@ -37,6 +37,13 @@ STACK_ENV = ROOT / "tests" / "stack.env"
 CLUSTER_FILES = ("docker-compose.yml", "docker-compose.cluster.yml")
 CLUSTER_PROFILE = "cluster"
 NODE_SERVICES = tuple(f"redis-node-{n}" for n in range(1, 7))
+# HA mode: a primary and a replica that Sentinel fails over (the `ha` profile, docker-compose.ha.yml). The services
+# are named for the roles they start in; after a failover either may be the primary (Stack.ha_primary).
+HA_FILES = ("docker-compose.yml", "docker-compose.ha.yml")
+HA_PROFILE = "ha"
+HA_SERVICES = ("redis-primary", "redis-replica")
+SENTINEL_SERVICES = tuple(f"redis-sentinel-{n}" for n in range(1, 4))
+SENTINEL_MASTER = "infinite-chat"
 CREATOR_SERVICE = "redis-cluster-create"  # one-shot: exited with 0 is its healthy
 PRIMARIES = 3
 SLOTS = 16384
@@ -149,6 +156,7 @@ class Stack:
     http_port: int
     env: dict[str, str] = field(default_factory=dict)
     cluster: bool = False  # on the Redis Cluster (the `cluster` profile) rather than the single Redis
+    ha: bool = False  # on a primary and a replica under Sentinel (the `ha` profile)
 
     @property
     def base_url(self) -> str:
@@ -166,6 +174,8 @@ class Stack:
     def compose_options(self) -> list[str]:
         """What `docker compose` needs besides the env file to see this stack's services: in cluster mode, both
         files and the profile."""
+        if self.ha:
+            return [*(item for file in HA_FILES for item in ("-f", file)), "--profile", HA_PROFILE]
         if not self.cluster:
             return []
         return [*(item for file in CLUSTER_FILES for item in ("-f", file)), "--profile", CLUSTER_PROFILE]
@@ -243,7 +253,7 @@ class Stack:
     def redis_containers(self, *, all_states: bool = False) -> list[str]:
         """The Redis containers: the single redis, or the cluster's nodes in node order (running ones only, unless
         `all_states`). One `docker ps` for all of them."""
-        services = NODE_SERVICES if self.cluster else ("redis",)
+        services = NODE_SERVICES if self.cluster else HA_SERVICES if self.ha else ("redis",)
         filters = ["--filter", f"label={PROJECT_LABEL}={self.project}", "--filter", f"label={SERVICE_CONTAINER}"]
         rows = self.docker("ps", "--all", *filters, "--format", NAME_SERVICE_STATE).stdout.splitlines()
         found = [row.split() for row in rows if row.strip()]
@@ -261,8 +271,27 @@ class Stack:
         `follow`."""
         command = 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli "$@"'
         options = ["-c"] if self.cluster and follow else []
-        target = container or self.redis_containers()[0]
+        target = container or (self.ha_primary() if self.ha else self.redis_containers()[0])
         return self.exec(target, "sh", "-c", command, "redis-cli", *options, *args, check=check).stdout
+
+    def ha_primary(self) -> str:
+        """HA mode: the container of the node the Sentinels name the primary (the first Sentinel that answers)."""
+        for sentinel in self.containers_of(SENTINEL_SERVICES):
+            answer = self.exec(
+                sentinel,
+                "sh",
+                "-c",
+                'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p 26379 sentinel get-master-addr-by-name "$1"',
+                "sentinel",
+                SENTINEL_MASTER,
+                check=False,
+            ).stdout.split()
+            if answer and answer[0] in HA_SERVICES:
+                return self.node_container(answer[0])
+        raise AssertionError("no Sentinel names a primary")
+
+    def containers_of(self, services: tuple[str, ...]) -> list[str]:
+        return [container for service in services for container in self.containers(service)]
 
     def cluster_nodes(self, container: str | None = None) -> list[ClusterNode]:
         """CLUSTER NODES as seen from `container` (by default the first running node), parsed; a standalone stack's
@@ -372,10 +401,11 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextmanager
-def running_stack(*, cluster: bool = False) -> Iterator[Stack]:
-    """A stack of its own for this session: on the single Redis, or with `cluster` on the Redis Cluster."""
+def running_stack(*, cluster: bool = False, ha: bool = False) -> Iterator[Stack]:
+    """A stack of its own for this session: on the single Redis, with `cluster` on the Redis Cluster, or with `ha`
+    on a primary and a replica under Sentinel."""
     require_docker()
-    variable = "TEST_CLUSTER_STACK" if cluster else "TEST_STACK"
+    variable = "TEST_CLUSTER_STACK" if cluster else "TEST_HA_STACK" if ha else "TEST_STACK"
     reused = os.environ.get(f"{variable}_PROJECT")
     if reused:
         # While writing a test: run it against a stack already up (started with tests/stack.env's settings, and in
@@ -385,9 +415,10 @@ def running_stack(*, cluster: bool = False) -> Iterator[Stack]:
             http_port=int(os.environ[f"{variable}_PORT"]),
             env={"COMPOSE_PROJECT_NAME": reused, "REDIS_PASSWORD": os.environ.get(f"{variable}_REDIS_PASSWORD", "")},
             cluster=cluster,
+            ha=ha,
         )
         return
-    project = f"chat-test-{'cluster-' if cluster else ''}{secrets.token_hex(3)}"
+    project = f"chat-test-{'cluster-' if cluster else 'ha-' if ha else ''}{secrets.token_hex(3)}"
     stack = Stack(
         project=project,
         http_port=free_port(),
@@ -399,12 +430,13 @@ def running_stack(*, cluster: bool = False) -> Iterator[Stack]:
             "IMAGE_TAG": project,
         },
         cluster=cluster,
+        ha=ha,
     )
     stack.env["HTTP_PORT"] = str(stack.http_port)
     compose = DockerCompose(
         ROOT,
-        compose_file_name=list(CLUSTER_FILES) if cluster else None,
-        profiles=[CLUSTER_PROFILE] if cluster else None,
+        compose_file_name=list(CLUSTER_FILES) if cluster else list(HA_FILES) if ha else None,
+        profiles=[CLUSTER_PROFILE] if cluster else [HA_PROFILE] if ha else None,
         env_file=[str(STACK_ENV)],
         build=True,
         wait=True,

@@ -30,6 +30,8 @@ LEFT_TO_DEFAULTS = {
     "REPLICA_NAME": "each task's own hostname names it; one task definition serves every task",
     "REDIS_PASSWORD_FILE": "the password comes from Secrets Manager or SSM as REDIS_PASSWORD (secrets)",
     "REDIS_CA_FILE": "ElastiCache's certificates chain to public CAs that the image's ca-certificates trusts",
+    "REDIS_SENTINELS": "ElastiCache fails over by itself and moves its endpoint's name: no Sentinel on AWS",
+    "REDIS_SENTINEL_MASTER": "the same: only with REDIS_SENTINELS",
 }
 
 SAMPLE_VALUES = {
@@ -442,7 +444,16 @@ def test_compose_passes_every_web_setting_but_the_documented_few() -> None:
     environment = web.split("    environment:\n", 1)[1].split("\n    ulimits:", 1)[0]
     passed = set(re.findall(r"^      ([A-Z][A-Z0-9_]*):", environment, re.M))
     assert passed <= settings_read()
-    not_passed = {"PORT", "REPLICA_NAME", "REDIS_CA_FILE", "REDIS_PASSWORD_FILE", "MAX_FRAME_BYTES"}
+    not_passed = {
+        "PORT",
+        "REPLICA_NAME",
+        "REDIS_CA_FILE",
+        "REDIS_PASSWORD_FILE",
+        "MAX_FRAME_BYTES",
+        # Set by docker-compose.ha.yml, for the HA profile only.
+        "REDIS_SENTINELS",
+        "REDIS_SENTINEL_MASTER",
+    }
     assert settings_read() - passed == not_passed
     # The docs name exactly these (and REDIS_URL, which Compose sets to its own Redis rather than from .env).
     docs = (ROOT / "docs" / "operations.md").read_text()

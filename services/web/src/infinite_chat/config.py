@@ -49,6 +49,17 @@ class Settings:
     redis_password: Secret = field(default_factory=lambda: Secret(""))
     # Extra CA for rediss:// (a private CA in tests; ElastiCache certificates chain to public CAs).
     redis_ca_file: str | None = None
+    # Sentinels (host, port) that name the primary, instead of REDIS_URL: a primary with replicas that Sentinel fails
+    # over (the Compose `ha` profile). REDIS_SENTINEL_MASTER is the name they monitor it under.
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "infinite-chat"
+    # A message is echoed only once this many replicas of its primary have it (WAIT), so that a failover cannot lose
+    # it; past REDIS_CONFIRM_TIMEOUT_MS its sender gets `unavailable` instead. 1 wherever Redis has a replica (the
+    # safe default); 0 for a Redis without one, whose durability is its own fsync (appendfsync always).
+    redis_confirm_replicas: int = 1
+    redis_confirm_timeout_ms: int = 1_000
+    # A say retried with the same name and ref within this many seconds is stored once (idempotent retries).
+    retry_window: int = 600
     history_size: int = 25
     retain: int = 10_000
     room_idle_days: int = 30
@@ -105,6 +116,13 @@ class Settings:
             redis_cluster=_choice(env, "REDIS_CLUSTER", "false", {"true", "false"}) == "true",
             redis_password=Secret(_password(env)),
             redis_ca_file=env.get("REDIS_CA_FILE") or None,
+            redis_sentinels=_addresses(env, "REDIS_SENTINELS"),
+            redis_sentinel_master=env.get("REDIS_SENTINEL_MASTER", "").strip() or defaults.redis_sentinel_master,
+            redis_confirm_replicas=_int(env, "REDIS_CONFIRM_REPLICAS", defaults.redis_confirm_replicas, low=0, high=5),
+            redis_confirm_timeout_ms=_int(
+                env, "REDIS_CONFIRM_TIMEOUT_MS", defaults.redis_confirm_timeout_ms, low=50, high=4_000
+            ),
+            retry_window=_int(env, "RETRY_WINDOW_SECONDS", defaults.retry_window, low=10, high=86_400),
             history_size=_int(env, "HISTORY_SIZE", defaults.history_size, low=1, high=100),
             retain=_int(env, "RETAIN", defaults.retain, low=100, high=10_000_000),
             room_idle_days=_int(env, "ROOM_IDLE_DAYS", defaults.room_idle_days, low=1, high=3650),
@@ -141,7 +159,15 @@ class Settings:
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, {"debug", "info", "warning", "error"}),
         )
         settings.check_outbox_holds_a_welcome()
+        if settings.redis_url and settings.redis_sentinels:
+            raise ConfigError("set REDIS_URL or REDIS_SENTINELS, not both (with Sentinel, it names the primary)")
+        if settings.redis_cluster and settings.redis_sentinels:
+            raise ConfigError("REDIS_CLUSTER=true takes REDIS_URL; a Redis Cluster fails over without Sentinel")
         return settings
+
+    @property
+    def uses_redis(self) -> bool:
+        return bool(self.redis_url or self.redis_sentinels)
 
     def check_outbox_holds_a_welcome(self) -> None:
         """A welcome is written through the outbox like everything else: a bound it could not fit in would cut
@@ -164,6 +190,19 @@ def _password(env: Mapping[str, str]) -> str:
         except OSError as error:
             raise ConfigError(f"REDIS_PASSWORD_FILE={path} cannot be read: {error.strerror}") from None
     return env.get("REDIS_PASSWORD", "")
+
+
+def _addresses(env: Mapping[str, str], name: str) -> tuple[tuple[str, int], ...]:
+    """The "host:port,host:port" of a variable, as pairs."""
+    addresses = []
+    for item in env.get(name, "").split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not item.strip():
+            continue
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{name}: {item.strip()!r} is not host:port")
+        addresses.append((host, int(port)))
+    return tuple(addresses)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:

@@ -21,6 +21,11 @@ JOINS = Counter("chat_joins", "Successful joins (welcome sent).")
 RESUMES = Counter("chat_resumes", "Joins that resumed from a message id still in the log.")
 MESSAGES_RECEIVED = Counter("chat_messages_received", "say frames received from clients.")
 MESSAGES_ACCEPTED = Counter("chat_messages_accepted", "Messages stored and published.")
+MESSAGES_UNCONFIRMED = Counter(
+    "chat_messages_unconfirmed",
+    "Messages stored on their primary that too few replicas confirmed in time (REDIS_CONFIRM_REPLICAS): the sender "
+    "got unavailable.",
+)
 MESSAGES_REFUSED = Counter("chat_messages_refused", "Client frames refused, by error code.", ["code"])
 SLOW_CONSUMERS = Counter("chat_slow_consumers", "Connections closed because their outbox overflowed.")
 SOCKETS_REFUSED = Counter("chat_sockets_refused", "Sockets refused before the upgrade, by reason.", ["reason"])

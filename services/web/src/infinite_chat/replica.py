@@ -4,6 +4,7 @@ shutdown that hands every client to another replica without losing a message."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import Callable, Coroutine
@@ -67,6 +68,8 @@ class Replica:
         except (BrokerUnavailable, TimeoutError):
             log.warning("key migration postponed: Redis unavailable", extra={"event": "migrate_postponed"})
             self._tasks.append(asyncio.create_task(_until_done(self._broker.migrate)))
+        with contextlib.suppress(BrokerUnavailable, TimeoutError):
+            await asyncio.wait_for(self._broker.check_policy(), 5)
         metrics.watch_outboxes(self.outbox_total, self.outbox_largest, self.outbox_bytes, self.outbox_largest_bytes)
         # Everything alive now (modules, the app) lives as long as the process: keep it out of every GC pass.
         gc.freeze()

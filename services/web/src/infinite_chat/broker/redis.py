@@ -21,7 +21,10 @@ from typing import Any
 import orjson
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import BlockingConnectionPool, Connection, SSLConnection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
 from .. import metrics
@@ -30,16 +33,28 @@ from ..protocol import ErrorCode, MessageId, parse_message_id, presence_frame
 from .base import (
     LOG_PAGE,
     QUOTA_WINDOW_MS,
+    Appended,
     Broker,
     BrokerUnavailable,
     Delivery,
     LogRead,
+    NotConfirmed,
     Online,
     OnSubscribed,
     QuotaRefusal,
     message_delivery,
 )
-from .keys import channel_key, log_key, old_log_key, presence_keys, quota_key
+from .confirmations import Confirmed
+from .keys import (
+    channel_key,
+    confirmed_key,
+    log_key,
+    old_log_key,
+    presence_keys,
+    quota_key,
+    retry_field,
+    retry_keys,
+)
 from .subscriptions import REDIS_FAILURES, ClusterTopology, OneServer, Subscriptions, Topology
 
 log = logging.getLogger(__name__)
@@ -49,9 +64,14 @@ def _script(name: str) -> str:
     return files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):  # type: ignore[misc]
+    """Sentinel's pool (connections go to whichever node Sentinel names the primary) that waits for a free
+    connection at its limit, as the standalone pool does, instead of failing the command."""
+
+
 class RedisBroker(Broker):
     def __init__(self, settings: Settings) -> None:
-        assert settings.redis_url is not None
+        assert settings.uses_redis
         super().__init__(settings)
         options: dict[str, Any] = {
             "password": settings.redis_password.reveal() or None,
@@ -63,14 +83,45 @@ class RedisBroker(Broker):
             # (A cluster's MOVED and ASK are followed all the same: a redirected command did not run.)
             "retry": Retry(NoBackoff(), 0),
         }
-        if settings.redis_url.startswith("rediss://"):
+        tls = bool(settings.redis_url and settings.redis_url.startswith("rediss://"))
+        if tls:
             options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
             if settings.redis_ca_file:
                 options["ssl_ca_certs"] = settings.redis_ca_file
+        self._options = options
+        self._tls = tls
         # The subscriptions wait for messages indefinitely: connections of their own, without a read timeout.
         listening = {**options, "socket_timeout": None, "health_check_interval": 15}
         topology: Topology
-        if settings.redis_cluster:
+        self._sentinel: Sentinel | None = None
+        self.redis: redis.Redis | RedisCluster
+        if settings.redis_sentinels:
+            # The primary is whichever node the Sentinels name now: each new connection asks them, and a command on a
+            # demoted primary (READONLY) drops its connection, so the next one goes to the new primary.
+            sentinel = self._sentinel = Sentinel(
+                list(settings.redis_sentinels),
+                sentinel_kwargs={
+                    "password": settings.redis_password.reveal() or None,
+                    "socket_connect_timeout": 2.0,
+                    "socket_timeout": 2.0,
+                },
+                **options,
+            )
+            master = settings.redis_sentinel_master
+            primary: redis.Redis = sentinel.master_for(
+                master,
+                connection_pool_class=_BlockingSentinelPool,
+                max_connections=64,
+                timeout=5,
+                socket_timeout=5.0,
+                health_check_interval=15,
+            )
+            self.redis = primary
+            listener = sentinel.master_for(master, max_connections=2, **listening)
+            topology = OneServer(primary, listener)
+            self._discovered = True
+        elif settings.redis_cluster:
+            assert settings.redis_url is not None
             # Any node's URL will do: the client learns the others from it. A node that is down or has failed over
             # answers nothing for its slots, so no full coverage is required: the other nodes' rooms go on.
             cluster = RedisCluster.from_url(
@@ -80,8 +131,7 @@ class RedisBroker(Broker):
                 socket_timeout=5.0,
                 **options,
             )
-            self.redis: redis.Redis | RedisCluster = cluster
-            tls = settings.redis_url.startswith("rediss://")
+            self.redis = cluster
 
             def connect(host: str, port: int) -> redis.Redis:
                 return redis.Redis(host=host, port=port, ssl=tls, **listening)
@@ -90,6 +140,7 @@ class RedisBroker(Broker):
             self._discovered = False
             self._discovering = asyncio.Lock()
         else:
+            assert settings.redis_url is not None
             pool = redis.BlockingConnectionPool.from_url(
                 settings.redis_url,
                 max_connections=64,
@@ -102,8 +153,16 @@ class RedisBroker(Broker):
             listener_pool = redis.ConnectionPool.from_url(settings.redis_url, max_connections=2, **listening)
             topology = OneServer(self.redis, redis.Redis.from_pool(listener_pool))
             self._discovered = True
-        self.subscriptions = Subscriptions(topology, _parse_published)
+        self._topology = topology
+        # Confirmation by replicas (REDIS_CONFIRM_REPLICAS): messages are shown only once confirmed
+        # (confirmations.py), and reads of the logs stop at each room's confirmed position.
+        self._confirming = settings.redis_confirm_replicas > 0
+        # On a cluster, WAIT must follow the append on the same connection, to the room's primary: clients of our own
+        # per primary, made when first needed (redis-py's cluster client picks a connection per command).
+        self._primaries: dict[str, redis.Redis] = {}
+        self.subscriptions = Subscriptions(topology, _parse_published, holding=self._confirming)
         self._append = self.redis.register_script(_script("append.lua"))
+        self._confirm = self.redis.register_script(_script("confirm.lua"))
         self._migrate = self.redis.register_script(_script("migrate.lua"))
         self._presence_script = self.redis.register_script(_script("presence.lua"))
         self._quota = self.redis.register_script(_script("quota.lua"))
@@ -112,6 +171,11 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         self._stop_presence_flushes()
         await self.subscriptions.close()
+        for client in self._primaries.values():
+            await client.aclose()
+        if self._sentinel is not None:
+            for sentinel in self._sentinel.sentinels:
+                await sentinel.aclose()
         await self.redis.aclose()
 
     async def _discover(self) -> None:
@@ -139,16 +203,92 @@ class RedisBroker(Broker):
         except REDIS_FAILURES as error:  # TimeoutError is an OSError
             raise _unavailable(error) from None
 
-    async def append(self, room: str, body: bytes) -> str:
+    async def append(self, room: str, body: bytes, *, name: str, ref: str | None) -> Appended:
+        settings = self.settings
+        keys = [log_key(room), confirmed_key(room), *retry_keys(room)]
+        args: list[bytes | str | int] = [
+            body,
+            settings.retain,
+            channel_key(room),
+            room,
+            self._idle_seconds,
+            "" if ref is None else retry_field(name, ref),
+            settings.retry_window * 1000,
+            1 if self._confirming else 0,
+        ]
         try:
             await self._discover()
-            message_id = await self._append(
-                keys=[log_key(room)],
-                args=[body, self.settings.retain, channel_key(room), room, self._idle_seconds],
-            )
+            if self._confirming:
+                reply = await self._append_and_confirm(room, keys, args)
+            else:
+                reply = await self._append(keys=keys, args=args)
         except REDIS_FAILURES as error:
             raise _unavailable(error) from None
-        return message_id.decode() if isinstance(message_id, bytes) else str(message_id)
+        message_id, retried, stored = reply
+        message_id = message_id.decode()
+        if not retried:
+            return Appended(message_id)
+        return Appended(message_id, None if stored is None else message_delivery(room, message_id, stored), True)
+
+    async def _append_and_confirm(self, room: str, keys: list[str], args: list[bytes | str | int]) -> Any:
+        """append.lua, then WAIT on the same connection (it counts the replicas that have every write that connection
+        made), then confirm.lua. NotConfirmed when too few replicas have it in time: it stays in the log unshown."""
+        settings = self.settings
+        wanted = settings.redis_confirm_replicas
+        script = self._append
+        for attempt in range(3):
+            primary = await self._primary_for(log_key(room))
+            async with primary.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.wait(wanted, settings.redis_confirm_timeout_ms)
+                reply, replicas = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                await primary.script_load(script.script)  # not run: a new primary, or Redis restarted
+                continue
+            if isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK")) and attempt < 2:
+                await self._topology.refresh()  # not run: the room's slot is elsewhere now
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            break
+        if isinstance(replicas, BaseException):
+            raise replicas
+        if int(replicas) < wanted:
+            metrics.MESSAGES_UNCONFIRMED.inc()
+            raise NotConfirmed(f"{int(replicas)} of {wanted} replicas confirmed the message in time")
+        await self._confirm(keys=[confirmed_key(room)], args=[reply[0], channel_key(room), room, self._idle_seconds])
+        return reply
+
+    async def _primary_for(self, key: str) -> redis.Redis:
+        """The client of the primary that serves this key: on a cluster, one per node, kept while it serves."""
+        if not isinstance(self.redis, RedisCluster):
+            return self.redis
+        node = self.redis.get_node_from_key(key)
+        if node is None:
+            raise BrokerUnavailable("no primary serves the room now")
+        client = self._primaries.get(node.name)
+        if client is None:
+            pool = BlockingConnectionPool(
+                max_connections=64,
+                timeout=5,
+                connection_class=SSLConnection if self._tls else Connection,
+                host=node.host,
+                port=node.port,
+                socket_timeout=5.0,
+                health_check_interval=15,
+                **self._options,
+            )
+            client = self._primaries[node.name] = redis.Redis.from_pool(pool)
+        return client
+
+    async def _visible_end(self, room: str) -> str:
+        """Where reads of the room's log stop: its confirmed position when messages are confirmed, else its end."""
+        if not self._confirming:
+            return "+"
+        position = await self.redis.get(confirmed_key(room))
+        if position is None:
+            return "+"
+        return position.decode() if isinstance(position, bytes) else str(position)
 
     async def recent(self, room: str, limit: int, before: str | None = None) -> list[Delivery]:
         if before is not None and parse_message_id(before) == (0, 0):
@@ -156,7 +296,14 @@ class RedisBroker(Broker):
             return []
         try:
             await self._discover()
-            entries = await self.redis.xrevrange(log_key(room), f"({before}" if before else "+", "-", count=limit)
+            end = await self._visible_end(room)
+            start = f"({before}" if before else "+"
+            if end != "+":
+                # The older of the two bounds: the confirmed position (inclusive), or `before` (exclusive).
+                confirmed, older_than = parse_message_id(end), parse_message_id(before) if before else None
+                if older_than is None or (confirmed is not None and confirmed < older_than):
+                    start = end
+            entries = await self.redis.xrevrange(log_key(room), start, "-", count=limit)
         except REDIS_FAILURES as error:
             raise _unavailable(error) from None
         return _deliveries(room, entries)[::-1]
@@ -167,6 +314,11 @@ class RedisBroker(Broker):
         size = 0
         cursor = None if position is None else f"{position[0]}-{position[1]}"
         first_page = True
+        try:
+            await self._discover()
+            end = await self._visible_end(room)
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
         while True:
             count = min(LOG_PAGE, max_messages - len(deliveries) + 1)
             try:
@@ -176,7 +328,7 @@ class RedisBroker(Broker):
                 async with self.redis.pipeline(transaction=True) as pipe:
                     if cursor is not None:
                         pipe.xrange(key, cursor, cursor, count=1)
-                    pipe.xrange(key, "-" if cursor is None else f"({cursor}", "+", count=count)
+                    pipe.xrange(key, "-" if cursor is None else f"({cursor}", end, count=count)
                     replies = await pipe.execute()
             except REDIS_FAILURES as error:
                 raise _unavailable(error) from None
@@ -255,6 +407,31 @@ class RedisBroker(Broker):
     def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
         return self.subscriptions.listen(on_subscribed)
 
+    async def check_policy(self) -> None:
+        """Says at start when the confirmation policy does not fit the Redis: waiting for replicas it does not have
+        refuses every message; not waiting for the ones it has can lose acknowledged messages in a failover."""
+        if isinstance(self.redis, RedisCluster):
+            return  # each shard's replicas are the cluster's business; a shard without one refuses its rooms' says
+        try:
+            info = await self.redis.info("replication")
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+        replicas, wanted = int(info.get("connected_slaves", 0)), self.settings.redis_confirm_replicas
+        if replicas < wanted:
+            log.error(
+                "REDIS_CONFIRM_REPLICAS=%d but the primary has %d replicas connected: messages are refused until it "
+                "has; for a Redis without replicas, set REDIS_CONFIRM_REPLICAS=0 (and appendfsync always)",
+                wanted,
+                replicas,
+                extra={"event": "confirm_impossible"},
+            )
+        elif wanted == 0 and replicas > 0:
+            log.warning(
+                "the primary has %d replicas but REDIS_CONFIRM_REPLICAS=0: a failover can lose echoed messages",
+                replicas,
+                extra={"event": "confirm_off"},
+            )
+
     async def migrate(self) -> None:
         """Moves the logs of the key layout before hash tags to the current one, once: each replica runs it at
         start, and a log that is already moved (or was written anew meanwhile) is left alone, with a warning when
@@ -283,13 +460,18 @@ def _deliveries(room: str, entries: Any) -> list[Delivery]:
     return [message_delivery(room, message_id, fields[b"b"]) for message_id, fields in entries]
 
 
-def _parse_published(data: bytes) -> Delivery:
-    """What append.lua and presence.lua publish: "<room>\n<id>\n<body>" for a message, and
+def _parse_published(data: bytes) -> Delivery | Confirmed:
+    """What append.lua, confirm.lua and presence.lua publish: "<room>\n<id>\n<body>" for a message,
+    "<room>\n\nconfirmed\n<id>" for a confirmation, and
     "<room>\n\n<event>\n<name>\n<count>\n<truncated>\n<joined>\n<left>" for a presence event (the lists as
     JSON)."""
     room, message_id, rest = data.split(b"\n", 2)
     if message_id:
         return message_delivery(room.decode(), message_id, rest)
+    if rest.startswith(b"confirmed\n"):
+        confirmed = parse_message_id(rest[len(b"confirmed\n") :].decode())
+        assert confirmed is not None  # confirm.lua publishes a message id
+        return Confirmed(room.decode(), confirmed)
     fields = rest.split(b"\n")
     if len(fields) != 6:
         # "<event>\n<name>\n<count>\n<names>" from a replica of the release before presence deltas: its last

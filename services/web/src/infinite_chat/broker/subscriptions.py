@@ -29,6 +29,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from .. import metrics
 from .base import BrokerUnavailable, Delivery, OnSubscribed
+from .confirmations import Confirmed, Unconfirmed
 from .keys import channel_key, is_listening_key, listening_key, room_of_channel, slot_of
 
 log = logging.getLogger(__name__)
@@ -208,9 +209,14 @@ class ClusterTopology(Topology):
 class Subscriptions:
     """The rooms this replica hears, each on the connection of the node that serves its channel."""
 
-    def __init__(self, topology: Topology, parse: Callable[[bytes], Delivery]) -> None:
+    def __init__(
+        self, topology: Topology, parse: Callable[[bytes], Delivery | Confirmed], *, holding: bool = False
+    ) -> None:
         self.topology = topology
         self.parse = parse
+        # Messages are shown only once confirmed (confirmations.py); presence events are never held.
+        self.holding = holding
+        self.unconfirmed = Unconfirmed()
         # Each room asked for, and whether Redis has confirmed its subscription (set) or not yet (a new future).
         self.heard: dict[str, asyncio.Future[None]] = {}
         self._shards: dict[str, Shard] = {}
@@ -234,6 +240,7 @@ class Subscriptions:
         heard = self.heard.pop(room, None)
         if heard is None:
             return
+        self.unconfirmed.drop([room])
         if not heard.done():
             heard.set_exception(BrokerUnavailable("unsubscribed"))
             heard.exception()  # nobody need look: whoever waited has left the room
@@ -292,6 +299,8 @@ class Subscriptions:
     def unconfirm(self, rooms: Iterable[str]) -> None:
         """These rooms' subscriptions are gone: joins from now on wait for the next one."""
         loop = asyncio.get_running_loop()
+        rooms = list(rooms)
+        self.unconfirmed.drop(rooms)
         for room in rooms:
             heard = self.heard.get(room)
             if heard is not None and heard.done():
@@ -302,9 +311,19 @@ class Subscriptions:
         if self._on_subscribed is not None:
             await self._on_subscribed(rooms)
 
-    async def deliver(self, delivery: Delivery) -> None:
+    async def deliver(self, item: Delivery | Confirmed) -> None:
+        if isinstance(item, Confirmed):
+            released, overflowed = self.unconfirmed.release(item)
+            if overflowed:
+                await self.caught_up([item.room])
+            for delivery in released:
+                await self._queue.put(delivery)
+            return
         metrics.FANOUT_RECEIVED.inc()
-        await self._queue.put(delivery)
+        if self.holding and item.id is not None:
+            self.unconfirmed.hold(item)
+        else:
+            await self._queue.put(item)
 
     async def relocate(self, lost: Shard) -> None:
         """After `lost`'s connection went: each of its rooms to the node that serves it now, with a catch-up once
@@ -403,7 +422,7 @@ class Shard:
                 # Read the confirmations, and only then catch up on the logs, so that nothing published is lost.
                 # (Redis confirms the channels of an SSUBSCRIBE before anything published on them; whatever else
                 # comes first is kept for after the catch-up, where it is dropped if the catch-up had it.)
-                early: list[Delivery] = []
+                early: list[Delivery | Confirmed] = []
                 deadline = asyncio.get_running_loop().time() + 2 * SUBSCRIBE_TIMEOUT
                 while waiting:
                     reply = await pubsub.get_message(timeout=1.0)
