@@ -20,6 +20,12 @@ maxmemory=${REDIS_MAXMEMORY:-512mb}
 case "$maxmemory" in
   *[!0-9a-zA-Z]* | "") echo "redis: REDIS_MAXMEMORY must be a size such as 512mb" >&2; exit 1 ;;
 esac
+# always: the append-only file is on disk before a reply (or a published message) leaves; everysec: once a second.
+appendfsync=${REDIS_APPENDFSYNC:-always}
+case "$appendfsync" in
+  always | everysec) ;;
+  *) echo "redis: REDIS_APPENDFSYNC must be always or everysec" >&2; exit 1 ;;
+esac
 
 # A node that comes back (restarted, recreated, after a reboot) may find its peers, and itself, at other addresses
 # than its nodes.conf remembers. Redis heals some of that by gossip, but not all: two nodes that each hold a stale
@@ -94,5 +100,6 @@ esac
 exec redis-server /etc/redis/infinite-chat.conf - <<CONF
 requirepass "$password"
 maxmemory $maxmemory
+appendfsync $appendfsync
 $cluster
 CONF
