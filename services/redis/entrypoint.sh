@@ -1,24 +1,21 @@
 #!/bin/sh
 # Starts Redis with the password from $REDIS_PASSWORD (or the file $REDIS_PASSWORD_FILE names), handed over on
 # stdin so that it appears in no file, no process argument and no log. Refuses to start without one.
-# REDIS_CLUSTER=true starts it as a Redis Cluster node instead (the `cluster` profile, docs/operations.md).
+# REDIS_CLUSTER=true starts it as a Redis Cluster node instead (the `cluster` profile, docs/operations.md);
+# REDIS_HA=true as a data node of a primary and its replica watched by Sentinels (the `ha` profile).
 set -eu
-password=""
-if [ -n "${REDIS_PASSWORD:-}" ]; then
-  password=$REDIS_PASSWORD
-elif [ -n "${REDIS_PASSWORD_FILE:-}" ] && [ -r "$REDIS_PASSWORD_FILE" ]; then
-  password=$(cat "$REDIS_PASSWORD_FILE")
-fi
-if [ -z "$password" ]; then
-  echo "redis: no password (set REDIS_PASSWORD in .env; scripts/up makes one); refusing to start" >&2
-  exit 1
-fi
-case "$password" in
-  *[!A-Za-z0-9_-]*) echo "redis: the password may hold only letters, digits, - and _" >&2; exit 1 ;;
-esac
+# shellcheck source=common.sh
+. /usr/local/lib/infinite-chat-redis.sh
+read_password
 maxmemory=${REDIS_MAXMEMORY:-512mb}
 case "$maxmemory" in
   *[!0-9a-zA-Z]* | "") echo "redis: REDIS_MAXMEMORY must be a size such as 512mb" >&2; exit 1 ;;
+esac
+# always: the append-only file is on disk before a reply (or a published message) leaves; everysec: once a second.
+appendfsync=${REDIS_APPENDFSYNC:-always}
+case "$appendfsync" in
+  always | everysec) ;;
+  *) echo "redis: REDIS_APPENDFSYNC must be always or everysec" >&2; exit 1 ;;
 esac
 
 # A node that comes back (restarted, recreated, after a reboot) may find its peers, and itself, at other addresses
@@ -90,9 +87,92 @@ masterauth \"$password\""
   *) echo "redis: REDIS_CLUSTER must be true or false" >&2; exit 1 ;;
 esac
 
+# The primary as the Sentinels name it ($REDIS_HA_SENTINELS, "host:port ..."): asked until one answers, for at most
+# $REDIS_HA_SENTINEL_WAIT seconds; when several answer, the name most of them give. Prints nothing when none did.
+sentinels_primary() {
+  deadline=$(($(date +%s) + ${REDIS_HA_SENTINEL_WAIT:-5}))
+  while :; do
+    named=$(for sentinel in $REDIS_HA_SENTINELS; do
+        resolves "${sentinel%:*}" || continue
+        cli -h "${sentinel%:*}" -p "${sentinel##*:}" sentinel get-master-addr-by-name "$ha_master_name" | head -n 1
+      done | grep -E '^[A-Za-z0-9.-]+$' | sort | uniq -c | sort -rn | awk 'NR == 1 { print $2 }')
+    if [ -n "$named" ] || [ "$(date +%s)" -ge "$deadline" ]; then break; fi
+    sleep 0.5
+  done
+  echo "$named"
+}
+
+# Which node to replicate from, or nothing to be the primary. Neither role is fixed: a node restarted after a
+# failover must come back as the replica of the node that took over, never as a second primary. So: what the
+# Sentinels say; if none answers (the first start, or all of them down), a peer in $REDIS_HA_NODES that already
+# runs as a primary; failing that too (every node starting at once), the roles of the first start:
+# $REDIS_HA_INITIAL_PRIMARY is the primary, the others its replicas.
+ha_upstream() {
+  primary=$(sentinels_primary)
+  if [ -n "$primary" ]; then
+    echo "redis: the Sentinels name $primary as the primary" >&2
+  else
+    for peer in $REDIS_HA_NODES; do
+      if [ "$peer" = "$me" ] || ! resolves "$peer"; then continue; fi
+      if [ "$(cli -h "$peer" role | head -n 1)" = master ]; then primary=$peer; break; fi
+    done
+    if [ -n "$primary" ]; then
+      echo "redis: no Sentinel answers; $primary runs as the primary" >&2
+    else
+      primary=$REDIS_HA_INITIAL_PRIMARY
+      echo "redis: no Sentinel answers and no node runs as a primary; $primary is the primary, as at the first start" >&2
+    fi
+  fi
+  # A Sentinel that names an address instead of a host name: compare it with this node's.
+  if [ "$primary" = "$me" ] || [ "$primary" = "$(getent ahostsv4 "$me" | awk 'NR == 1 { print $1 }')" ]; then
+    echo ""
+  else
+    echo "$primary"
+  fi
+}
+
+# CONFIG stays unusable: gone on a single Redis and a cluster node, renamed after the password in HA mode (common.sh).
+config_name=""
+ha=""
+case "${REDIS_HA:-false}" in
+  false) ;;
+  true)
+    [ -z "$cluster" ] || { echo "redis: REDIS_HA and REDIS_CLUSTER exclude each other" >&2; exit 1; }
+    : "${REDIS_HA_SENTINELS:?REDIS_HA_SENTINELS must name the Sentinels, as host:port separated by spaces}"
+    : "${REDIS_HA_NODES:?REDIS_HA_NODES must name the data nodes (host names separated by spaces)}"
+    : "${REDIS_HA_INITIAL_PRIMARY:?REDIS_HA_INITIAL_PRIMARY must name the node that is the primary at the first start}"
+    case "${REDIS_HA_SENTINEL_WAIT:-5}" in
+      *[!0-9]* | "") echo "redis: REDIS_HA_SENTINEL_WAIT must be seconds, such as 5" >&2; exit 1 ;;
+    esac
+    # The name the Sentinels and the other node reach this one by (Compose: the service name, its hostname).
+    # Announced instead of an address, which changes when a container is recreated.
+    me=${REDIS_HA_ANNOUNCE_HOSTNAME:-$(uname -n)}
+    case "$me" in
+      *[!A-Za-z0-9.-]* | "") echo "redis: REDIS_HA_ANNOUNCE_HOSTNAME must be a host name" >&2; exit 1 ;;
+    esac
+    upstream=$(ha_upstream)
+    if [ -n "$upstream" ]; then
+      echo "redis: starting as a replica of $upstream" >&2
+      role="replicaof $upstream 6379"
+    else
+      echo "redis: starting as the primary" >&2
+      role=""
+    fi
+    config_name=$(config_command_name)
+    # masterauth on the primary too: Sentinel may make it a replica later.
+    ha="replica-announce-ip $me
+masterauth \"$password\"
+$role"
+    ;;
+  *) echo "redis: REDIS_HA must be true or false" >&2; exit 1 ;;
+esac
+
 # exec: Redis becomes PID 1 and gets docker stop's SIGTERM itself, so it flushes the append-only file.
 exec redis-server /etc/redis/infinite-chat.conf - <<CONF
 requirepass "$password"
 maxmemory $maxmemory
+appendfsync $appendfsync
+rename-command CONFIG "$config_name"
 $cluster
+$ha
 CONF
