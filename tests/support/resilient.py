@@ -183,8 +183,11 @@ class ResilientClient:
                         obj["retry_after_ms"] / 1000, lambda: asyncio.ensure_future(self._resend(refused))
                     )
                 elif obj["code"] == "unavailable" and self.retry_unavailable:
-                    self.unavailable[refused] = self.unavailable.get(refused, 0) + 1
-                    asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(self._resend(refused)))
+                    # The page's backoff: 0.5 s, doubling, at most 5 s.
+                    tries = self.unavailable[refused] = self.unavailable.get(refused, 0) + 1
+                    asyncio.get_running_loop().call_later(
+                        min(5.0, 0.5 * 2 ** (tries - 1)), lambda: asyncio.ensure_future(self._resend(refused))
+                    )
                 else:
                     self.refused[refused] = obj
                     self.unacked.pop(refused, None)

@@ -202,7 +202,7 @@ async def test_a_listener_hears_only_the_rooms_it_subscribed_to_from_the_moment_
     assert hearing.subscribed() == {room}
 
     await hearing.unsubscribe(room)
-    await hearing.subscribe(other)  # confirmed after the unsubscription: the same connection, in order
+    await listener.hear(other)  # confirmed after the unsubscription: the same connection, in order
     await say(chat, room, "after the unsubscription")
     await say(chat, other, "now heard")
     await eventually(lambda: len(listener.objects(other)) == 1, timeout=10, what="the other room, now heard")
@@ -217,7 +217,7 @@ async def test_what_is_said_right_after_a_confirmed_subscription_is_heard(broker
     listener = await Listener(hearing).ready()
     rooms = [f"{room}-{n}" for n in range(30)]
     for each in rooms:
-        await hearing.subscribe(each)
+        await listener.hear(each)
         await say(chat, each, "first")  # the moment subscribe returns
     await eventually(lambda: all(listener.objects(each) for each in rooms), timeout=10, what="every first message")
     assert [len(listener.objects(each)) for each in rooms] == [1] * 30

@@ -24,7 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool, Connection, SSLConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import AskError, NoScriptError
 from redis.retry import Retry
 
 from .. import metrics
@@ -245,7 +245,7 @@ class RedisBroker(Broker):
             if isinstance(reply, NoScriptError):
                 await primary.script_load(script.script)  # not run: a new primary, or Redis restarted
                 continue
-            if isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK")) and attempt < 2:
+            if isinstance(reply, AskError) and attempt < 2:  # MovedError too
                 await self._topology.refresh()  # not run: the room's slot is elsewhere now
                 continue
             if isinstance(reply, BaseException):
