@@ -17,6 +17,8 @@ case "$appendfsync" in
   always | everysec) ;;
   *) echo "redis: REDIS_APPENDFSYNC must be always or everysec" >&2; exit 1 ;;
 esac
+# INFO does not show it and CONFIG GET is not available: say it in the log.
+echo "redis: appendfsync $appendfsync" >&2
 
 # A node that comes back (restarted, recreated, after a reboot) may find its peers, and itself, at other addresses
 # than its nodes.conf remembers. Redis heals some of that by gossip, but not all: two nodes that each hold a stale
