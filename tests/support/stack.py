@@ -413,7 +413,14 @@ def running_stack(*, cluster: bool = False, ha: bool = False) -> Iterator[Stack]
         yield Stack(
             project=reused,
             http_port=int(os.environ[f"{variable}_PORT"]),
-            env={"COMPOSE_PROJECT_NAME": reused, "REDIS_PASSWORD": os.environ.get(f"{variable}_REDIS_PASSWORD", "")},
+            env={
+                "COMPOSE_PROJECT_NAME": reused,
+                "REDIS_PASSWORD": os.environ.get(f"{variable}_REDIS_PASSWORD", ""),
+                # For tests that recreate a service: the images that stack runs, on the port it has.
+                "IMAGE_TAG": os.environ.get(f"{variable}_IMAGE_TAG", "local"),
+                "HTTP_PORT": os.environ[f"{variable}_PORT"],
+                "HTTP_BIND": "127.0.0.1",
+            },
             cluster=cluster,
             ha=ha,
         )

@@ -88,11 +88,15 @@ async def partition_then_failover(
             return sum(1 for sender in senders for at in sender.sent_at.values() if at > cut_at)
 
         await eventually(lambda: sent_since_cut() >= SENT_DURING_PARTITION, timeout=30, what="chat while cut off")
+        # Docker would restart the killed Redis within seconds (restart: unless-stopped), often before the failover:
+        # then it comes back as the primary, with everything it had, and there is no failover to test.
+        await asyncio.to_thread(stack.docker, "update", "--restart=no", primary)
         await asyncio.to_thread(stack.docker, "kill", primary)
         killed, killed_at = True, time.monotonic()
         await asyncio.to_thread(stack.docker, "unpause", replica)
         paused = False
-        await asyncio.to_thread(poll, lambda: True if promoted() else None, timeout=60, what="the replica promoted")
+        # Sentinel may find the replica not yet answering again when it first tries, and try again 20 s later.
+        await asyncio.to_thread(poll, lambda: True if promoted() else None, timeout=90, what="the replica promoted")
         # The promoted primary has no replica to confirm with until one comes: the killed node, started again here as
         # Docker's restart policy or ElastiCache's node replacement would, joins it as its replica.
         await asyncio.to_thread(stack.docker, "start", primary)
@@ -125,6 +129,7 @@ async def partition_then_failover(
             await asyncio.to_thread(stack.docker, "unpause", replica)
         if killed:
             await asyncio.to_thread(stack.docker, "start", primary)
+        await asyncio.to_thread(stack.docker, "update", "--restart=unless-stopped", primary)
         # Whatever happened, the tests after this one find both nodes serving.
         await asyncio.to_thread(stack.wait_healthy, 120)
 
