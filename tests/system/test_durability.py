@@ -2,11 +2,12 @@
 that resume with `since` and send again after `unavailable` as the page does.
 
 - A partition, then a failover, on the `ha` profile (Sentinel) and on the `cluster` profile: the primary's replica is
-  paused (cut off) while people chat, the primary is killed, the replica comes back and is promoted, and the killed
-  node is started again (it becomes the new primary's replica: until then nothing can be confirmed). Every message
-  anyone was shown is in the log afterwards, every message was stored once, everyone saw one order, and what could
-  not be confirmed got `unavailable` (and was stored once when sent again). The same run with confirmation turned
-  off (REDIS_CONFIRM_REPLICAS=0) loses the messages echoed during the partition: the test sees the loss it guards
+  cut off from it (packets between the two dropped, in the replica's network namespace) while people chat, the
+  primary is killed, the cut is mended and the replica is promoted, and the killed node is started again (it becomes
+  the new primary's replica: until then nothing can be confirmed). Every message anyone was shown is in the log
+  afterwards, every message was stored once, everyone saw one order, and what could not be confirmed got
+  `unavailable` (and was stored once when sent again). The same run with confirmation turned off
+  (REDIS_CONFIRM_REPLICAS=0) loses the messages echoed during the partition: the test sees the loss it guards
   against, and reports it.
 - Redis killed (SIGKILL) on the default stack while people chat: every echoed message is in the log.
 - A say sent again with the same ref, after `unavailable` and from a new socket on the other replica, is stored once.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -66,6 +68,24 @@ def confirmation(stack: Stack, replicas: int) -> Iterator[None]:
             set_confirmation(stack, 1)
 
 
+def address(stack: Stack, container: str) -> str:
+    return stack.docker(
+        "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container
+    ).stdout.strip()
+
+
+def firewall(stack: Stack, container: str, action: str, peer: str) -> None:
+    """Adds (-I) or removes (-D) rules in the container's own network namespace that drop every packet to and from
+    `peer`: a partition between two nodes only, which everything else (the Sentinels, the other nodes, the web
+    replicas) still sees through. (Pausing the container is not one: the kernel keeps receiving its replication
+    stream while it is paused, and it reads all of it once unpaused.)"""
+    pid = stack.docker("inspect", "--format", "{{.State.Pid}}", container).stdout.strip()
+    for chain, side in (("INPUT", "-s"), ("OUTPUT", "-d")):
+        subprocess.run(
+            ["nsenter", "-t", pid, "-n", "iptables", action, chain, side, peer, "-j", "DROP"], check=True, timeout=30
+        )
+
+
 async def partition_then_failover(
     stack: Stack, room: str, *, primary: str, replica: str, promoted: Callable[[], bool]
 ) -> Outcome:
@@ -81,7 +101,8 @@ async def partition_then_failover(
         tasks = [asyncio.create_task(keep_saying(sender, stop, every=SAY_EVERY)) for sender in senders]
         await eventually(lambda: all(len(c.messages) >= 6 for c in clients), timeout=30, what="chat going")
 
-        await asyncio.to_thread(stack.docker, "pause", replica)
+        peer = await asyncio.to_thread(address, stack, primary)
+        await asyncio.to_thread(firewall, stack, replica, "-I", peer)
         paused, cut_at = True, time.monotonic()
 
         def sent_since_cut() -> int:
@@ -93,7 +114,7 @@ async def partition_then_failover(
         await asyncio.to_thread(stack.docker, "update", "--restart=no", primary)
         await asyncio.to_thread(stack.docker, "kill", primary)
         killed, killed_at = True, time.monotonic()
-        await asyncio.to_thread(stack.docker, "unpause", replica)
+        await asyncio.to_thread(firewall, stack, replica, "-D", peer)
         paused = False
         # Sentinel may find the replica not yet answering again when it first tries, and try again 20 s later.
         await asyncio.to_thread(poll, lambda: True if promoted() else None, timeout=90, what="the replica promoted")
@@ -126,7 +147,7 @@ async def partition_then_failover(
         await asyncio.gather(*tasks)
         await asyncio.gather(*(client.stop() for client in clients))
         if paused:
-            await asyncio.to_thread(stack.docker, "unpause", replica)
+            await asyncio.to_thread(firewall, stack, replica, "-D", peer)
         if killed:
             await asyncio.to_thread(stack.docker, "start", primary)
         await asyncio.to_thread(stack.docker, "update", "--restart=unless-stopped", primary)
@@ -192,6 +213,32 @@ def assert_lost_without_confirmation(outcome: Outcome, profile: str) -> None:
 # ---- the ha profile --------------------------------------------------------------------------------------------------
 
 
+def with_first_roles(stack: Stack) -> None:
+    """Puts redis-primary back as the primary (a planned failover, SENTINEL FAILOVER) when an earlier failover made
+    redis-replica the primary. A cut-off redis-primary is not promoted in place of a killed redis-replica in our runs
+    (Sentinel aborts with no-good-slave at every try), while the other way it always is: left for a later look
+    (docs/operations.md, HA profile, limits); here every partition runs the way that works."""
+    first = stack.node_container(HA_SERVICES[0])
+    if stack.ha_primary() == first:
+        return
+    [sentinel] = stack.containers("redis-sentinel-1")
+    stack.exec(
+        sentinel,
+        "sh",
+        "-c",
+        'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p 26379 sentinel failover "$1"',
+        "-",
+        "infinite-chat",
+    )
+    poll(lambda: True if stack.ha_primary() == first else None, timeout=60, what="redis-primary primary again")
+
+    def in_sync() -> bool | None:
+        info = stack.redis_cli("info", "replication", container=stack.node_container(HA_SERVICES[1]), check=False)
+        return True if "master_link_status:up" in info else None
+
+    poll(in_sync, timeout=60, what="redis-replica copying redis-primary")
+
+
 def ha_roles(stack: Stack) -> tuple[str, str]:
     primary = stack.ha_primary()
     [replica] = [stack.node_container(service) for service in HA_SERVICES if stack.node_container(service) != primary]
@@ -202,6 +249,7 @@ def ha_roles(stack: Stack) -> tuple[str, str]:
 async def test_ha_partition_then_failover(ha_stack: Stack, replicas: int) -> None:
     stack = ha_stack
     stack.wait_healthy()
+    await asyncio.to_thread(with_first_roles, stack)
     primary, replica = ha_roles(stack)
     room = f"ha-{secrets.token_hex(3)}"
     with confirmation(stack, replicas):
