@@ -22,8 +22,9 @@ SAY_EVERY = 0.4  # seconds between two messages of one sender: within RATE_LIMIT
 # A room on a surviving shard may see no message for this long during another shard's failover, at most: its two
 # senders say 5 messages a second between them, so this is several lost beats, not scheduling noise.
 CALM_GAP_SECONDS = 2.0
-# Chat in the failed shard's room resumes at most this long after its replica has been promoted.
-RESUME_AFTER_PROMOTION_SECONDS = 5.0
+# Chat in the failed shard's room resumes at most this long after the killed node is started again (and becomes the
+# promoted replica's replica, which confirms messages again): its start, a full sync, and the page's retry.
+RESUME_AFTER_RESTART_SECONDS = 20.0
 
 
 @pytest.fixture
@@ -183,11 +184,11 @@ async def test_failover_of_one_primary_resumes_its_rooms_and_leaves_the_other_sh
     cluster_stack: Stack, cluster_replicas: list[str]
 ) -> None:
     """docker kill of one primary (not the seed node the replicas start from) while a room on each shard chats, four
-    clients a room over both replicas: its replica is promoted within the cluster's failover time; chat in the room
-    on that shard resumes by itself within a few seconds of that, and its clients get every message of the log
+    clients a room over both replicas: its replica is promoted within the cluster's failover time; once the killed
+    node is started again (the promoted replica's own replica, which confirms messages), chat in the room on that
+    shard resumes by itself, every acknowledged message is kept, and its clients get every message of the log
     (resuming with `since` where a socket was lost); rooms on the other two shards see no close, no refusal, no gap
-    and no stall. What the failover loses (messages acknowledged by the killed primary but not yet copied to its
-    replica) is a later issue's subject: here it is measured and reported, not asserted."""
+    and no stall."""
     stack = cluster_stack
     stack.wait_cluster_ok()
     nodes = stack.cluster_nodes()
@@ -214,6 +215,8 @@ async def test_failover_of_one_primary_resumes_its_rooms_and_leaves_the_other_sh
         tasks = [asyncio.create_task(keep_saying(sender, stop, every=SAY_EVERY)) for sender in talking]
         await eventually(lambda: all(len(c.messages) >= 10 for c in everyone), timeout=30, what="chat in every room")
 
+        # Kept down until its replica has taken over (Docker would restart it within seconds, often first).
+        await asyncio.to_thread(stack.docker, "update", "--restart=no", victim.container)
         await asyncio.to_thread(stack.docker, "kill", victim.container)
         killed, killed_at = True, time.monotonic()
         promoted_at = await asyncio.to_thread(
@@ -223,11 +226,16 @@ async def test_failover_of_one_primary_resumes_its_rooms_and_leaves_the_other_sh
             what=f"{heir.host} promoted in place of {victim.host}",
             interval=0.2,
         )
-        # Chat in the failed shard's room resumes by itself: a message said after the kill is accepted.
+        # The promoted replica has no replica of its own to confirm messages with (REDIS_CONFIRM_REPLICAS=1) until
+        # the killed node is back as one: started again, as Docker's restart policy or ElastiCache's node
+        # replacement would. Chat in the failed shard's room then resumes by itself: a message said after the kill
+        # is accepted.
+        await asyncio.to_thread(stack.docker, "start", victim.container)
+        restarted_at = time.monotonic()
         await eventually(
             lambda: any(own_after(sender, killed_at) for sender in senders[hit]),
-            timeout=max(0.0, promoted_at + RESUME_AFTER_PROMOTION_SECONDS - time.monotonic()),
-            what=f"chat resuming in {hit} within {RESUME_AFTER_PROMOTION_SECONDS:.0f} s of the promotion",
+            timeout=RESUME_AFTER_RESTART_SECONDS,
+            what=f"chat resuming in {hit} within {RESUME_AFTER_RESTART_SECONDS:.0f} s of the killed node's restart",
             interval=0.05,
         )
         resumed_at = min(t for sender in senders[hit] for t in own_after(sender, killed_at))
@@ -247,6 +255,7 @@ async def test_failover_of_one_primary_resumes_its_rooms_and_leaves_the_other_sh
         await asyncio.gather(*tasks)
         await asyncio.gather(*(client.stop() for client in everyone))
         if killed:
+            await asyncio.to_thread(stack.docker, "update", "--restart=unless-stopped", victim.container)
             # Whatever happened, later tests find the cluster whole again.
             if not stack.containers(victim.host):
                 await asyncio.to_thread(stack.docker, "start", victim.container)
@@ -288,8 +297,9 @@ async def test_failover_of_one_primary_resumes_its_rooms_and_leaves_the_other_sh
     for client in members[hit]:
         firsts = [message_id for message_id in dict.fromkeys(client.delivered) if message_id in in_log]
         assert firsts == log, f"{client.name} holds the log's messages out of order"
-    # Measured, not asserted (a later issue): accepted messages the failover lost, and what clients saw of it.
+    # Every message acknowledged (confirmed by the replica that took over) is kept.
     acknowledged = {m["id"] for sender in senders[hit] for m in sender.messages if m.get("name") == sender.name}
+    assert acknowledged <= in_log, f"acknowledged, then lost: {sorted(acknowledged - in_log)}"
     refused = [error for sender in senders[hit] for error in sender.refused.values()]
     report(
         "cluster_failover",
@@ -299,6 +309,7 @@ async def test_failover_of_one_primary_resumes_its_rooms_and_leaves_the_other_sh
         promoted_after_kill_seconds=round(promoted_at - killed_at, 2),
         chat_resumed_after_kill_seconds=round(resumed_at - killed_at, 2),
         chat_resumed_after_promotion_seconds=round(resumed_at - promoted_at, 2),
+        chat_resumed_after_restart_seconds=round(resumed_at - restarted_at, 2),
         failed_shard_sockets_closed=sum(len(client.closes) for client in members[hit]),
         failed_shard_close_codes=sorted({code for client in members[hit] for _, code in client.closes}),
         failed_shard_sends_refused=len(refused),
