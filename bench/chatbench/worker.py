@@ -683,7 +683,9 @@ class Worker:
             step.lag_ns.append(max(0, now - int(scheduled)))
         assert client.ws is not None
         try:
-            await client.ws.send(f'{{"type":"say","text":"{text}","ref":"r{idx}"}}')
+            # A ref of its own for every message of every run: the server stores a say whose name and ref it saw
+            # within RETRY_WINDOW_SECONDS once, as a retry (the clock makes runs and steps differ, the rest sends).
+            await client.ws.send(f'{{"type":"say","text":"{text}","ref":"r{now:x}.{self.proc}.{idx}"}}')
         except ConnectionClosed:
             step.send_failures += 1
 
