@@ -64,7 +64,7 @@ def _script(name: str) -> str:
     return files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):  # type: ignore[misc]
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel's pool (connections go to whichever node Sentinel names the primary) that waits for a free
     connection at its limit, as the standalone pool does, instead of failing the command."""
 
@@ -98,7 +98,7 @@ class RedisBroker(Broker):
         if settings.redis_sentinels:
             # The primary is whichever node the Sentinels name now: each new connection asks them, and a command on a
             # demoted primary (READONLY) drops its connection, so the next one goes to the new primary.
-            sentinel = self._sentinel = Sentinel(
+            sentinel = self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
                 list(settings.redis_sentinels),
                 sentinel_kwargs={
                     "password": settings.redis_password.reveal() or None,
