@@ -221,7 +221,9 @@ async def seed(stack: Stack, room: str, texts: list[str]) -> None:
         try:
             await client.join(f"seeder-{start // 10 + 1}", room)
             for i, text in enumerate(texts[start : start + 10]):
-                reply = await client.say_and_wait(text, ref=f"seed-{start + i}")
+                # A ref of its own: a second seed of the same room would otherwise repeat a seeder's name and ref,
+                # which the server takes for a retry of the first (stored once).
+                reply = await client.say_and_wait(text, ref=f"seed-{start + i}-{secrets.token_hex(4)}")
                 assert reply["type"] == "message", reply
         finally:
             await client.close()

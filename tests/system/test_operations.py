@@ -253,6 +253,8 @@ def run_replica(stack: Stack, tls: dict[str, str], name: str, *env: str) -> str:
         "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", "--publish", "127.0.0.1::8000",
         "--volume", f"{tls['certificates']}:/tls:ro",
         "--env", "REDIS_URL=rediss://redis-tls:6380/0", "--env", f"REDIS_PASSWORD={tls['password']}",
+        # A Redis without replicas: nothing to wait for (its durability is appendfsync always).
+        "--env", "REDIS_CONFIRM_REPLICAS=0",
         *[arg for pair in env for arg in ("--env", pair)], image(stack, "web"),
     )  # fmt: skip
     address = stack.docker("port", name, "8000/tcp").stdout.split()[0]

@@ -88,8 +88,7 @@ class RedisBroker(Broker):
             options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
             if settings.redis_ca_file:
                 options["ssl_ca_certs"] = settings.redis_ca_file
-        self._options = options
-        self._tls = tls
+        self._cluster_topology: ClusterTopology | None = None
         # The subscriptions wait for messages indefinitely: connections of their own, without a read timeout.
         listening = {**options, "socket_timeout": None, "health_check_interval": 15}
         topology: Topology
@@ -136,7 +135,21 @@ class RedisBroker(Broker):
             def connect(host: str, port: int) -> redis.Redis:
                 return redis.Redis(host=host, port=port, ssl=tls, **listening)
 
-            topology = ClusterTopology(cluster, connect)
+            def command_client(host: str, port: int) -> redis.Redis:
+                pool = BlockingConnectionPool(
+                    max_connections=64,
+                    timeout=5,
+                    connection_class=SSLConnection if tls else Connection,
+                    host=host,
+                    port=port,
+                    socket_timeout=5.0,
+                    health_check_interval=15,
+                    **options,
+                )
+                return redis.Redis.from_pool(pool)
+
+            topology = ClusterTopology(cluster, connect, command_client)
+            self._cluster_topology = topology
             self._discovered = False
             self._discovering = asyncio.Lock()
         else:
@@ -157,9 +170,6 @@ class RedisBroker(Broker):
         # Confirmation by replicas (REDIS_CONFIRM_REPLICAS): messages are shown only once confirmed
         # (confirmations.py), and reads of the logs stop at each room's confirmed position.
         self._confirming = settings.redis_confirm_replicas > 0
-        # On a cluster, WAIT must follow the append on the same connection, to the room's primary: clients of our own
-        # per primary, made when first needed (redis-py's cluster client picks a connection per command).
-        self._primaries: dict[str, redis.Redis] = {}
         self.subscriptions = Subscriptions(topology, _parse_published, holding=self._confirming)
         self._append = self.redis.register_script(_script("append.lua"))
         self._confirm = self.redis.register_script(_script("confirm.lua"))
@@ -171,8 +181,6 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         self._stop_presence_flushes()
         await self.subscriptions.close()
-        for client in self._primaries.values():
-            await client.aclose()
         if self._sentinel is not None:
             for sentinel in self._sentinel.sentinels:
                 await sentinel.aclose()
@@ -260,26 +268,11 @@ class RedisBroker(Broker):
         return reply
 
     async def _primary_for(self, key: str) -> redis.Redis:
-        """The client of the primary that serves this key: on a cluster, one per node, kept while it serves."""
-        if not isinstance(self.redis, RedisCluster):
+        """The client of the primary that serves this key: on a cluster, one per node (ClusterTopology.commands)."""
+        if self._cluster_topology is None:
+            assert isinstance(self.redis, redis.Redis)
             return self.redis
-        node = self.redis.get_node_from_key(key)
-        if node is None:
-            raise BrokerUnavailable("no primary serves the room now")
-        client = self._primaries.get(node.name)
-        if client is None:
-            pool = BlockingConnectionPool(
-                max_connections=64,
-                timeout=5,
-                connection_class=SSLConnection if self._tls else Connection,
-                host=node.host,
-                port=node.port,
-                socket_timeout=5.0,
-                health_check_interval=15,
-                **self._options,
-            )
-            client = self._primaries[node.name] = redis.Redis.from_pool(pool)
-        return client
+        return self._cluster_topology.commands(key)
 
     async def _visible_end(self, room: str) -> str:
         """Where reads of the room's log stop: its confirmed position when messages are confirmed, else its end."""

@@ -149,10 +149,29 @@ class OneServer(Topology):
 class ClusterTopology(Topology):
     """A Redis Cluster, as the command client (redis-py's RedisCluster) last learnt it."""
 
-    def __init__(self, cluster: RedisCluster, connect: Callable[[str, int], redis.Redis]) -> None:
+    def __init__(
+        self,
+        cluster: RedisCluster,
+        connect: Callable[[str, int], redis.Redis],
+        command_client: Callable[[str, int], redis.Redis],
+    ) -> None:
         self._cluster = cluster
         self._connect = connect
+        self._command_client = command_client
         self._subscribers: dict[str, redis.Redis] = {}
+        # Command clients of our own, one per primary, for what must run on one connection to the node that serves
+        # a key (an append and its WAIT): redis-py's cluster client picks a connection per command.
+        self._commands: dict[str, redis.Redis] = {}
+
+    def commands(self, key: str) -> redis.Redis:
+        """A client of the primary that serves this key now (as the cluster client last learnt it)."""
+        node = self._cluster.get_node_from_key(key)
+        if node is None:
+            raise BrokerUnavailable("no primary serves the key now")
+        client = self._commands.get(node.name)
+        if client is None:
+            client = self._commands[node.name] = self._command_client(node.host, int(node.port))
+        return client
 
     async def refresh(self) -> None:
         # The first call is also the first contact: before it, redis-py's slot table is empty (and a lookup in it
@@ -198,12 +217,17 @@ class ClusterTopology(Topology):
         if cluster_node is not None:
             with contextlib.suppress(*REDIS_FAILURES):
                 await cluster_node.disconnect_free_connections()
+        commands = self._commands.get(node)
+        if commands is not None:
+            with contextlib.suppress(*REDIS_FAILURES):
+                await commands.connection_pool.disconnect(inuse_connections=False)
 
     async def close(self) -> None:
-        for client in self._subscribers.values():
+        for client in [*self._subscribers.values(), *self._commands.values()]:
             with contextlib.suppress(*REDIS_FAILURES):
                 await client.aclose()
         self._subscribers.clear()
+        self._commands.clear()
 
 
 class Subscriptions:
