@@ -93,7 +93,7 @@ async def partition_then_failover(
     senders = clients[:2]
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
-    paused = killed = False
+    cut = killed = False
     try:
         for client in clients:  # one after another: nginx spreads them over both replicas
             await client.start()
@@ -103,7 +103,7 @@ async def partition_then_failover(
 
         peer = await asyncio.to_thread(address, stack, primary)
         await asyncio.to_thread(firewall, stack, replica, "-I", peer)
-        paused, cut_at = True, time.monotonic()
+        cut, cut_at = True, time.monotonic()
 
         def sent_since_cut() -> int:
             return sum(1 for sender in senders for at in sender.sent_at.values() if at > cut_at)
@@ -115,7 +115,7 @@ async def partition_then_failover(
         await asyncio.to_thread(stack.docker, "kill", primary)
         killed, killed_at = True, time.monotonic()
         await asyncio.to_thread(firewall, stack, replica, "-D", peer)
-        paused = False
+        cut = False
         # Sentinel may find the replica not yet answering again when it first tries, and try again 20 s later.
         await asyncio.to_thread(poll, lambda: True if promoted() else None, timeout=90, what="the replica promoted")
         # The promoted primary has no replica to confirm with until one comes: the killed node, started again here as
@@ -146,7 +146,7 @@ async def partition_then_failover(
         stop.set()
         await asyncio.gather(*tasks)
         await asyncio.gather(*(client.stop() for client in clients))
-        if paused:
+        if cut:
             await asyncio.to_thread(firewall, stack, replica, "-D", peer)
         if killed:
             await asyncio.to_thread(stack.docker, "start", primary)

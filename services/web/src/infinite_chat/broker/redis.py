@@ -245,7 +245,7 @@ class RedisBroker(Broker):
         wanted = settings.redis_confirm_replicas
         script = self._append
         for attempt in range(3):
-            primary = await self._primary_for(log_key(room))
+            primary = self._primary_for(log_key(room))
             async with primary.pipeline(transaction=False) as pipe:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
                 pipe.wait(wanted, settings.redis_confirm_timeout_ms)
@@ -259,6 +259,8 @@ class RedisBroker(Broker):
             if isinstance(reply, BaseException):
                 raise reply
             break
+        else:
+            raise BrokerUnavailable("the append could not be run on the room's primary")  # NOSCRIPT or MOVED again
         if isinstance(replicas, BaseException):
             raise replicas
         if int(replicas) < wanted:
@@ -267,7 +269,7 @@ class RedisBroker(Broker):
         await self._confirm(keys=[confirmed_key(room)], args=[reply[0], channel_key(room), room, self._idle_seconds])
         return reply
 
-    async def _primary_for(self, key: str) -> redis.Redis:
+    def _primary_for(self, key: str) -> redis.Redis:
         """The client of the primary that serves this key: on a cluster, one per node (ClusterTopology.commands)."""
         if self._cluster_topology is None:
             assert isinstance(self.redis, redis.Redis)
