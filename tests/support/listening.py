@@ -9,7 +9,7 @@ import json
 from collections.abc import Collection
 from typing import Any
 
-from infinite_chat.broker import Broker, Delivery
+from infinite_chat.broker import Broker, Delivery, TypingNotice
 from infinite_chat.protocol import MessageId
 
 from .chat import eventually
@@ -19,6 +19,7 @@ class Listener:
     def __init__(self, chat: Broker) -> None:
         self.chat = chat
         self.got: list[Delivery] = []
+        self.typing: list[TypingNotice] = []
         self.subscriptions = 0
         # Each room heard through `ready`: the newest message of its history then (None: it had none), where its
         # catch-ups start, as a member's welcome is where Rooms starts them.
@@ -40,8 +41,11 @@ class Listener:
                 self._keep(delivery)
 
     async def _run(self) -> None:
-        async for delivery in self.chat.listen(self._on_subscribed):
-            self._keep(delivery)
+        async for item in self.chat.listen(self._on_subscribed):
+            if isinstance(item, TypingNotice):
+                self.typing.append(item)
+            else:
+                self._keep(item)
 
     def _keep(self, delivery: Delivery) -> None:
         """As Rooms.deliver: a message not newer than the room's last is a repeat (a catch-up had it)."""

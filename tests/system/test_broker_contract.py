@@ -14,13 +14,14 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
 
 from infinite_chat.broker import (
     Broker,
+    ChangeRefused,
     Delivery,
     LogRead,
     MemoryBroker,
@@ -30,7 +31,20 @@ from infinite_chat.broker import (
     presence_entry,
 )
 from infinite_chat.config import Settings
-from infinite_chat.protocol import message_body, message_frame, parse_message_id
+from infinite_chat.protocol import (
+    REACTION_NAMES_SHOWN,
+    REACTIONS,
+    REACTIONS_PER_MESSAGE,
+    Change,
+    Delete,
+    Edit,
+    ErrorCode,
+    React,
+    change_body,
+    message_body,
+    message_frame,
+    parse_message_id,
+)
 from support.chat import eventually, eventually_async
 from support.listening import Listener
 from support.redis_server import ClusterServer, RedisServer
@@ -511,3 +525,173 @@ async def test_an_address_may_create_only_so_many_rooms_an_hour(brokers: Brokers
     assert refusal is not None
     assert (refusal.code, refusal.retry_after_ms) == ("too_many_rooms", pytest.approx(1_200_000, rel=0.02))
     assert await chat.charge(creator, 100, new_room=False) is None  # existing rooms are fine
+
+
+# ---- changes to messages: edits, deletions, reactions ----------------------------------------------------------------
+
+
+async def change(
+    chat: Broker,
+    room: str,
+    kind: Change,
+    target: str,
+    name: str = "alice",
+    *,
+    text: str = "",
+    emoji: str = "👍",
+    on: bool = True,
+) -> str:
+    command: Edit | Delete | React
+    if kind is Change.EDIT:
+        command = Edit(target, text, None)
+    elif kind is Change.DELETE:
+        command = Delete(target, None)
+    else:
+        command = React(target, emoji, on, None)
+    body = change_body(room, name, command)
+    return await chat.change(room, kind, target, body, name=name, emoji=emoji, on=on)
+
+
+async def refused(code: ErrorCode, made: Awaitable[str]) -> None:
+    with pytest.raises(ChangeRefused) as caught:
+        await made
+    assert caught.value.code is code
+
+
+async def test_changes_are_entries_after_the_message_and_history_shows_the_message_as_it_now_is(
+    brokers: Brokers, room: str
+) -> None:
+    chat = brokers()
+    kept = await say(chat, room, "first @bob")
+    gone = await say(chat, room, "second")
+    edit = await change(chat, room, Change.EDIT, kept, text="first, edited @carol")
+    await change(chat, room, Change.REACT, kept, "bob", emoji="👍")
+    await change(chat, room, Change.REACT, kept, "carol", emoji="👍")
+    await change(chat, room, Change.REACT, kept, "carol", emoji="🎉")
+    await change(chat, room, Change.REACT, gone, "bob", emoji="🔥")
+    await change(chat, room, Change.DELETE, gone)
+    # The history: messages only, each as it now is.
+    first, second = [json.loads(d.frame) for d in await chat.recent(room, 25)]
+    assert (first["id"], first["text"], first["mentions"]) == (kept, "first, edited @carol", ["carol"])
+    assert first["edited"] == json.loads((await read(chat, room, kept)).deliveries[1].frame)["ts"]
+    assert first["reactions"] == [
+        {"emoji": "👍", "count": 2, "names": ["bob", "carol"]},
+        {"emoji": "🎉", "count": 1, "names": ["carol"]},
+    ]
+    assert second["id"] == gone
+    assert {"text", "reactions", "mentions"}.isdisjoint(second)
+    assert second["deleted"] >= second["ts"]
+    # The log after the first message: the second, then each change in order, each with its id and time.
+    after = [json.loads(d.frame) for d in (await read(chat, room, kept)).deliveries]
+    assert [obj["type"] for obj in after] == [
+        "message",
+        "edit",
+        "reaction",
+        "reaction",
+        "reaction",
+        "reaction",
+        "delete",
+    ]
+    assert after[0]["id"] == gone
+    assert "text" not in after[0]  # a resume shows it as it now is, too
+    assert (after[1]["id"], after[1]["target"], after[1]["text"]) == (edit, kept, "first, edited @carol")
+    assert [(o["name"], o["emoji"], o["on"], o["count"]) for o in after[2:6]] == [
+        ("bob", "👍", True, 1),
+        ("carol", "👍", True, 2),
+        ("carol", "🎉", True, 1),
+        ("bob", "🔥", True, 1),
+    ]
+    assert after[6]["target"] == gone
+    assert "text" not in after[6]
+
+
+async def test_listeners_hear_changes_in_log_order_with_the_messages(brokers: Brokers, room: str) -> None:
+    chat, hearing = brokers(), brokers()
+    listener = await Listener(hearing).ready(room)
+    target = await say(chat, room, "hello")
+    await change(chat, room, Change.EDIT, target, text="hello again")
+    await say(chat, room, "next")
+    await change(chat, room, Change.REACT, target, "bob", on=True)
+    await change(chat, room, Change.REACT, target, "bob", on=False)
+    await eventually(lambda: len(listener.objects(room)) == 5, timeout=10, what="all five published")
+    heard = listener.objects(room)
+    assert [o["type"] for o in heard] == ["message", "edit", "message", "reaction", "reaction"]
+    assert [o.get("count") for o in heard[3:]] == [1, 0]
+    assert [o["id"] for o in heard] == [json.loads(d.frame)["id"] for d in (await read(chat, room, None)).deliveries]
+    await listener.stop()
+
+
+async def test_a_change_is_refused_with_its_reason_and_stores_nothing(brokers: Brokers, room: str) -> None:
+    chat = brokers(edit_window=900)
+    mine = await say(chat, room, "mine")
+    await refused(ErrorCode.UNKNOWN_MESSAGE, change(chat, room, Change.EDIT, "1-1", text="x"))
+    await refused(ErrorCode.NOT_YOURS, change(chat, room, Change.EDIT, mine, "mallory", text="x"))
+    await refused(ErrorCode.NOT_YOURS, change(chat, room, Change.DELETE, mine, "mallory"))
+    await refused(ErrorCode.NO_CHANGE, change(chat, room, Change.EDIT, mine, text="mine"))
+    await refused(ErrorCode.NO_CHANGE, change(chat, room, Change.REACT, mine, on=False))
+    await change(chat, room, Change.REACT, mine)
+    await refused(ErrorCode.NO_CHANGE, change(chat, room, Change.REACT, mine))
+    reaction = await change(chat, room, Change.REACT, mine, on=False)
+    # A change is not a message: it cannot be changed itself.
+    await refused(ErrorCode.UNKNOWN_MESSAGE, change(chat, room, Change.REACT, reaction))
+    await change(chat, room, Change.DELETE, mine)
+    await refused(ErrorCode.NO_CHANGE, change(chat, room, Change.DELETE, mine))
+    await refused(ErrorCode.MESSAGE_DELETED, change(chat, room, Change.EDIT, mine, text="back"))
+    await refused(ErrorCode.MESSAGE_DELETED, change(chat, room, Change.REACT, mine))
+    kinds = [json.loads(d.frame)["type"] for d in (await read(chat, room, None)).deliveries]
+    assert kinds == ["message", "reaction", "reaction", "delete"]
+
+
+async def test_an_edit_after_the_window_is_refused(brokers: Brokers, room: str) -> None:
+    chat = brokers(edit_window=1)
+    target = await say(chat, room, "quick")
+    await change(chat, room, Change.EDIT, target, text="quick edit")
+    # The window is measured from the message's time (its id), on Redis's clock.
+    await eventually_async(
+        lambda: _edit_refused(chat, room, target), timeout=10, what="the edit window closing after a second"
+    )
+
+
+async def _edit_refused(chat: Broker, room: str, target: str) -> bool:
+    try:
+        await change(chat, room, Change.EDIT, target, text=f"late {time.monotonic()}")
+    except ChangeRefused as refusal:
+        if refusal.code is not ErrorCode.EDIT_WINDOW_CLOSED:
+            raise
+        return True
+    return False
+
+
+async def test_a_message_holds_a_bounded_number_of_reactions(brokers: Brokers, room: str) -> None:
+    chat = brokers()
+    target = await say(chat, room, "popular")
+    for n in range(REACTIONS_PER_MESSAGE):
+        await change(chat, room, Change.REACT, target, f"fan{n}", emoji=REACTIONS[n % len(REACTIONS)])
+    await refused(ErrorCode.TOO_MANY_REACTIONS, change(chat, room, Change.REACT, target, "late"))
+    [message] = [json.loads(d.frame) for d in await chat.recent(room, 1)]
+    counts = {reaction["emoji"]: reaction["count"] for reaction in message["reactions"]}
+    assert sum(counts.values()) == REACTIONS_PER_MESSAGE
+    assert all(len(reaction["names"]) <= REACTION_NAMES_SHOWN for reaction in message["reactions"])
+    # Taking one away makes room again.
+    await change(chat, room, Change.REACT, target, "fan0", emoji=REACTIONS[0], on=False)
+    await change(chat, room, Change.REACT, target, "late")
+
+
+async def test_history_looks_past_changes_for_its_messages_within_a_bound(brokers: Brokers, room: str) -> None:
+    chat = brokers()
+    early = await say(chat, room, "early")
+    later = await say(chat, room, "later")
+    for n in range(150):
+        await change(chat, room, Change.REACT, later, f"fan{n}", emoji="👍")
+    assert [json.loads(d.frame)["id"] for d in await chat.recent(room, 25)] == [early, later]
+    assert [json.loads(d.frame)["id"] for d in await chat.recent(room, 25, before=later)] == [early]
+
+
+async def test_typing_notices_reach_every_listener_of_the_room_and_are_not_stored(brokers: Brokers, room: str) -> None:
+    chat, hearing = brokers(), brokers()
+    listener = await Listener(hearing).ready(room)
+    await chat.publish_typing(room, ["ann", "bob"])
+    await eventually(lambda: bool(listener.typing), timeout=10, what="the typing notice")
+    assert [(notice.room, notice.names) for notice in listener.typing] == [(room, ("ann", "bob"))]
+    assert (await read(chat, room, None)).deliveries == []
+    await listener.stop()

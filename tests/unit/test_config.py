@@ -39,8 +39,8 @@ def test_an_outbox_too_small_for_a_welcome_is_refused() -> None:
     with pytest.raises(ConfigError, match="OUTBOX_LIMIT_BYTES"):
         Settings.from_env({"OUTBOX_LIMIT_BYTES": str(256 * 1024)})  # a resume can bring 512 KiB
     with pytest.raises(ConfigError, match="OUTBOX_LIMIT_BYTES"):
-        Settings.from_env({"HISTORY_SIZE": "100", "OUTBOX_LIMIT_BYTES": str(600 * 1024), "RESUME_MAX_BYTES": "65536"})
-    Settings.from_env({"OUTBOX_LIMIT_BYTES": str(600 * 1024)})
+        Settings.from_env({"OUTBOX_LIMIT_BYTES": str(600 * 1024), "RESUME_MAX_BYTES": str(600 * 1024)})
+    Settings.from_env({"OUTBOX_LIMIT_BYTES": str(600 * 1024)})  # a history is cut to RESUME_MAX_BYTES (512 KiB)
 
 
 def test_values_are_read_and_typed() -> None:

@@ -60,6 +60,8 @@ class Settings:
     redis_confirm_timeout_ms: int = 1_000
     # A say retried with the same name and ref within this many seconds is stored once (idempotent retries).
     retry_window: int = 600
+    # Seconds after a message during which its sender may edit it (0: no edits).
+    edit_window: int = 900
     history_size: int = 25
     retain: int = 10_000
     room_idle_days: int = 30
@@ -123,6 +125,7 @@ class Settings:
                 env, "REDIS_CONFIRM_TIMEOUT_MS", defaults.redis_confirm_timeout_ms, low=50, high=4_000
             ),
             retry_window=_int(env, "RETRY_WINDOW_SECONDS", defaults.retry_window, low=10, high=86_400),
+            edit_window=_int(env, "EDIT_WINDOW_SECONDS", defaults.edit_window, low=0, high=31_536_000),
             history_size=_int(env, "HISTORY_SIZE", defaults.history_size, low=1, high=100),
             retain=_int(env, "RETAIN", defaults.retain, low=100, high=10_000_000),
             room_idle_days=_int(env, "ROOM_IDLE_DAYS", defaults.room_idle_days, low=1, high=3650),
@@ -172,13 +175,18 @@ class Settings:
     def check_outbox_holds_a_welcome(self) -> None:
         """A welcome is written through the outbox like everything else: a bound it could not fit in would cut
         every client off at its join."""
-        history = max(self.resume_max_bytes, self.history_size * MESSAGE_MAX_BYTES)
-        largest = history + self.presence_list_max * NAME_MAX_BYTES + 1024
+        largest = self.welcome_history_bytes + self.presence_list_max * NAME_MAX_BYTES + 1024
         if self.outbox_limit_bytes < largest:
             raise ConfigError(
                 f"OUTBOX_LIMIT_BYTES={self.outbox_limit_bytes} cannot hold a welcome of up to {largest} bytes "
-                "(RESUME_MAX_BYTES, or HISTORY_SIZE messages of the largest size, plus the online list)"
+                "(RESUME_MAX_BYTES, or one message of the largest size, plus the online list)"
             )
+
+    @property
+    def welcome_history_bytes(self) -> int:
+        """The most bytes of messages a welcome's history holds, resumed or not (the newest that fit): a message with
+        its reactions can be large, and HISTORY_SIZE of the largest would not fit a sensible outbox."""
+        return max(self.resume_max_bytes, MESSAGE_MAX_BYTES)
 
 
 def _password(env: Mapping[str, str]) -> str:

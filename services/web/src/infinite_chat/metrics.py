@@ -26,6 +26,8 @@ MESSAGES_UNCONFIRMED = Counter(
     "Messages stored on their primary that too few replicas confirmed in time (REDIS_CONFIRM_REPLICAS): the sender "
     "got unavailable.",
 )
+CHANGES_ACCEPTED = Counter("chat_changes_accepted", "Edits, deletions and reactions stored and published.", ["kind"])
+TYPING_PUBLISHED = Counter("chat_typing_published", "Typing notices this replica published (one per room per second).")
 MESSAGES_REFUSED = Counter("chat_messages_refused", "Client frames refused, by error code.", ["code"])
 SLOW_CONSUMERS = Counter("chat_slow_consumers", "Connections closed because their outbox overflowed.")
 SOCKETS_REFUSED = Counter("chat_sockets_refused", "Sockets refused before the upgrade, by reason.", ["reason"])

@@ -16,17 +16,36 @@ DEFAULT_ROOM = "lobby"
 NAME_MAX = 32
 TEXT_MAX = 2000
 REF_MAX = 64
+# Names a message lists as mentioned (`@name`), at most.
+MENTIONS_MAX = 20
+# The reactions there are: a fixed set, so that a message's reactions are bounded and every client can show them.
+REACTIONS = ("👍", "👎", "❤️", "😂", "😮", "😢", "🎉", "🙏", "👀", "🔥", "✅", "🚀")
+# Reactions (name and emoji pairs) one message may hold; and the names of each emoji a message object lists (its
+# count is exact), so that a popular message's object stays small.
+REACTIONS_PER_MESSAGE = 500
+REACTION_NAMES_SHOWN = 10
 # The most bytes these can take in a server frame's JSON: a name's characters at 4 bytes each and its quotes and
 # comma; a message with the longest text, name and ref at their most escaped (a control character in a ref is 6
-# bytes), with its fixed fields. Every bound in bytes is derived from these.
+# bytes), its mentions, every reaction with the names it lists, and its fixed fields. Every bound in bytes is
+# derived from these.
 NAME_MAX_BYTES = NAME_MAX * 4 + 3
-MESSAGE_MAX_BYTES = TEXT_MAX * 4 + NAME_MAX_BYTES + REF_MAX * 6 + 256
+MESSAGE_MAX_BYTES = (
+    TEXT_MAX * 4
+    + NAME_MAX_BYTES * (1 + MENTIONS_MAX)
+    + REF_MAX * 6
+    + len(REACTIONS) * (REACTION_NAMES_SHOWN * NAME_MAX_BYTES + 48)
+    + 320
+)
 ROOM_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
 # Redis stream ids: "<milliseconds>-<sequence>", each part an unsigned 64-bit number. Anything else cannot be in a
 # room's log. At most 19 digits, so that every string that matches is also one Redis accepts (2**64 has 20 digits):
 # Redis answers a larger number with an error, which would look like an outage. [0-9], not \d: \d also matches
 # other scripts' digits ("١-٠"), which Python's int() reads but Redis does not.
 MESSAGE_ID_PATTERN = re.compile(r"([0-9]{1,19})-([0-9]{1,19})")
+# A mention: "@" where a word does not go on (so not in "ann@example.org"), then everything up to the next space.
+MENTION_PATTERN = re.compile(r"(?<!\w)@(\S+)")
+# Left off the end of a mention: the punctuation that follows a name in a sentence ("thanks, @ann!").
+MENTION_TRAILER = ".,;:!?)]}'\""
 
 # A server frame may carry several objects, one per line; compact JSON never contains a raw newline.
 FRAME_SEPARATOR = b"\n"
@@ -50,6 +69,15 @@ class ErrorCode(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"
     TOO_MANY_ROOMS = "too_many_rooms"
     UNAVAILABLE = "unavailable"
+    # Edits, deletions and reactions (the conversation's changes to a message).
+    INVALID_ID = "invalid_id"
+    INVALID_REACTION = "invalid_reaction"
+    UNKNOWN_MESSAGE = "unknown_message"
+    NOT_YOURS = "not_yours"
+    EDIT_WINDOW_CLOSED = "edit_window_closed"
+    MESSAGE_DELETED = "message_deleted"
+    NO_CHANGE = "no_change"
+    TOO_MANY_REACTIONS = "too_many_reactions"
 
 
 class CloseCode(IntEnum):
@@ -103,6 +131,43 @@ class Say:
     ref: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """The client's person is composing a message."""
+
+
+class Change(StrEnum):
+    """What a client can do to a message already in the log; each is an entry of the log after it."""
+
+    EDIT = "edit"
+    DELETE = "delete"
+    REACT = "reaction"
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    target: str
+    text: str
+    ref: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    target: str
+    ref: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class React:
+    target: str
+    emoji: str
+    on: bool
+    ref: str | None
+
+
+ClientFrame = Join | Say | Typing | Edit | Delete | React
+
+
 MessageId = tuple[int, int]
 
 
@@ -120,7 +185,20 @@ def is_name(raw: str) -> bool:
     return 1 <= len(raw) <= NAME_MAX and raw == raw.strip() and name_problem(raw) is None
 
 
-def parse_client_frame(data: str | bytes) -> Join | Say:
+def mentions_in(text: str) -> list[str]:
+    """The names a text mentions (docs/protocol.md, "Mentions"): as written, in order, without repeats, at most
+    MENTIONS_MAX. A word after "@" that cannot be a name (too long, a character a name may not hold) is none."""
+    found: list[str] = []
+    for match in MENTION_PATTERN.finditer(text):
+        name = match.group(1).rstrip(MENTION_TRAILER)
+        if name and name not in found and is_name(name):
+            found.append(name)
+            if len(found) == MENTIONS_MAX:
+                break
+    return found
+
+
+def parse_client_frame(data: str | bytes) -> ClientFrame:
     if isinstance(data, bytes):
         raise ProtocolError(ErrorCode.BAD_JSON, "Send text frames holding one JSON object; binary frames are not used.")
     try:
@@ -134,7 +212,27 @@ def parse_client_frame(data: str | bytes) -> Join | Say:
         return _parse_say(obj)
     if kind == "join":
         return _parse_join(obj)
-    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, 'The "type" must be "join" or "say".', _ref_if_valid(obj))
+    if kind == "typing":
+        return Typing()
+    if kind == "edit":
+        ref = _parse_ref(obj)
+        return Edit(_parse_target(obj, ref), _parse_text(obj, ref), ref)
+    if kind == "delete":
+        ref = _parse_ref(obj)
+        return Delete(_parse_target(obj, ref), ref)
+    if kind == "react":
+        ref = _parse_ref(obj)
+        target = _parse_target(obj, ref)
+        emoji, on = obj.get("emoji"), obj.get("on", True)
+        if not isinstance(emoji, str) or emoji not in REACTIONS or not isinstance(on, bool):
+            detail = f'A reaction is one of {" ".join(REACTIONS)}, with "on" true or false.'
+            raise ProtocolError(ErrorCode.INVALID_REACTION, detail, ref)
+        return React(target, emoji, on, ref)
+    raise ProtocolError(
+        ErrorCode.UNKNOWN_TYPE,
+        'The "type" must be "join", "say", "typing", "edit", "delete" or "react".',
+        _ref_if_valid(obj),
+    )
 
 
 def _parse_join(obj: dict[str, object]) -> Join:
@@ -159,9 +257,25 @@ def _parse_join(obj: dict[str, object]) -> Join:
 
 
 def _parse_say(obj: dict[str, object]) -> Say:
+    ref = _parse_ref(obj)
+    return Say(text=_parse_text(obj, ref), ref=ref)
+
+
+def _parse_ref(obj: dict[str, object]) -> str | None:
     ref = obj.get("ref")
     if ref is not None and not (isinstance(ref, str) and len(ref) <= REF_MAX):
         raise ProtocolError(ErrorCode.INVALID_REF, f'"ref" must be a string of at most {REF_MAX} characters.')
+    return ref
+
+
+def _parse_target(obj: dict[str, object], ref: str | None) -> str:
+    target = obj.get("id")
+    if not isinstance(target, str) or parse_message_id(target) is None:
+        raise ProtocolError(ErrorCode.INVALID_ID, '"id" must be the id of a message, as a string.', ref)
+    return target
+
+
+def _parse_text(obj: dict[str, object], ref: str | None) -> str:
     text = obj.get("text")
     if not isinstance(text, str):
         raise ProtocolError(ErrorCode.INVALID_TEXT, "A message needs some text.", ref)
@@ -173,7 +287,7 @@ def _parse_say(obj: dict[str, object]) -> Say:
     problem = text_problem(text)
     if problem is not None:
         raise ProtocolError(ErrorCode.INVALID_TEXT, problem, ref)
-    return Say(text=text, ref=ref)
+    return text
 
 
 def _ref_if_valid(obj: dict[str, object]) -> str | None:
@@ -190,19 +304,85 @@ def message_body(room: str, name: str, text: str, ref: str | None) -> bytes:
 
     The broker puts `{"type":"message","id":...,"ts":...,` in front once it knows the id.
     """
-    fields: dict[str, str] = {"room": room, "name": name, "text": text}
+    fields: dict[str, object] = {"room": room, "name": name, "text": text}
     if ref is not None:
         fields["ref"] = ref
+    mentions = mentions_in(text)
+    if mentions:
+        fields["mentions"] = mentions
     return orjson.dumps(fields)[1:]
 
 
-def message_frame(message_id: str, body: bytes) -> bytes:
-    """A message object from its log id and its stored body (`message_body`); its time is the id's, i.e. Redis's
-    clock at acceptance. Written by hand: the body is already JSON, spliced in as it is."""
+def change_body(room: str, name: str, change: Edit | Delete | React) -> bytes:
+    """An edit, a deletion or a reaction as the tail of its log entry's JSON object, like `message_body`. A
+    reaction's `count` is added by the broker, which alone knows it (it ends the object)."""
+    fields: dict[str, object] = {"room": room, "name": name, "target": change.target}
+    if isinstance(change, Edit):
+        fields["text"] = change.text
+        mentions = mentions_in(change.text)
+        if mentions:
+            fields["mentions"] = mentions
+    elif isinstance(change, React):
+        fields["emoji"] = change.emoji
+        fields["on"] = change.on
+    if change.ref is not None:
+        fields["ref"] = change.ref
+    return orjson.dumps(fields)[1:]
+
+
+def id_time(message_id: str) -> str:
+    """The time in a log entry's id (Redis's clock when it was stored), as every `ts` is written."""
     millis = int(message_id.partition("-")[0])
     seconds, millis = divmod(millis, 1000)
-    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f'{{"type":"message","id":"{message_id}","ts":"{ts}.{millis:03d}Z",'.encode() + body
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def entry_frame(kind: str, entry_id: str, body: bytes) -> bytes:
+    """An object of a room's log (a message, or a change to one) from its id and stored body (`message_body`,
+    `change_body`); its time is the id's. Written by hand: the body is already JSON, spliced in as it is."""
+    return f'{{"type":"{kind}","id":"{entry_id}","ts":"{id_time(entry_id)}",'.encode() + body
+
+
+def message_frame(message_id: str, body: bytes) -> bytes:
+    return entry_frame("message", message_id, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What edits, a deletion and reactions made of a message, as the broker keeps it."""
+
+    edit_id: str | None = None  # the latest edit's entry, and its body (`change_body`)
+    edit_body: bytes | None = None
+    deleted_id: str | None = None
+    reactions: Sequence[tuple[str, Sequence[str]]] = ()  # each emoji, in the order first used, and who, in order
+
+
+def message_as_now(message_id: str, body: bytes, changes: Changes) -> bytes:
+    """A stored message as its changes left it: edited text, a tombstone without text, its reactions."""
+    fields: dict[str, object] = orjson.loads(b"{" + body)
+    if changes.deleted_id is not None:
+        for field in ("text", "mentions"):
+            fields.pop(field, None)
+        fields["deleted"] = id_time(changes.deleted_id)
+        return message_frame(message_id, orjson.dumps(fields)[1:])
+    if changes.edit_id is not None and changes.edit_body is not None:
+        edit = orjson.loads(b"{" + changes.edit_body)
+        fields["text"] = edit["text"]
+        fields.pop("mentions", None)
+        if "mentions" in edit:
+            fields["mentions"] = edit["mentions"]
+        fields["edited"] = id_time(changes.edit_id)
+    if changes.reactions:
+        fields["reactions"] = [
+            {"emoji": emoji, "count": len(names), "names": list(names[:REACTION_NAMES_SHOWN])}
+            for emoji, names in changes.reactions
+        ]
+    return message_frame(message_id, orjson.dumps(fields)[1:])
+
+
+def typing_frame(room: str, names: Sequence[str], count: int) -> bytes:
+    """Who is typing in a room now: a few of the names, most recent first, and how many."""
+    return orjson.dumps({"type": "typing", "room": room, "names": list(names), "count": count})
 
 
 def presence_frame(

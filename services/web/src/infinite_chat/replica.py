@@ -82,6 +82,8 @@ class Replica:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._rooms is not None:
+            self._rooms.typists.stop()
         if self._broker is not None:
             await self._broker.close()
 

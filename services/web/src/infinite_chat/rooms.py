@@ -17,10 +17,11 @@ import enum
 import logging
 from collections.abc import Collection, Iterator
 
-from .broker import Broker, BrokerUnavailable, Delivery, presence_entry
+from .broker import Broker, BrokerUnavailable, Delivery, TypingNotice, presence_entry
 from .config import Settings
 from .connection import Connection
 from .protocol import CloseCode, MessageId
+from .typists import Typists
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class Rooms:
         self._rooms: dict[str, Room] = {}
         self._members: dict[Connection, Member] = {}
         self._unsubscribing: set[asyncio.Task[None]] = set()
+        self.typists = Typists(broker, self.deliver)
 
     def __iter__(self) -> Iterator[Room]:
         return iter(list(self._rooms.values()))
@@ -185,6 +187,7 @@ class Rooms:
         if room is None or room.members:
             return
         del self._rooms[name]
+        self.typists.forget(name)
         task = asyncio.create_task(self._unsubscribe(name))
         self._unsubscribing.add(task)
         task.add_done_callback(self._unsubscribing.discard)
@@ -203,6 +206,8 @@ class Rooms:
             if room.last_id is not None and delivery.id <= room.last_id:
                 return
             room.last_id = delivery.id
+            if delivery.frame.startswith(b'{"type":"message"'):
+                self.typists.message(delivery)
         for connection in room.live:
             connection.push(delivery)
         if room.joining:
@@ -242,9 +247,14 @@ class Rooms:
                     self.remove(member.connection)
 
     async def fan_out(self) -> None:
-        """Forever: every published message and presence event to the local members of its room."""
-        async for delivery in self.broker.listen(self.fill_gaps):
-            self.deliver(delivery)
+        """Forever: every published message, change and presence event to the local members of its room, and typing
+        notices to the rooms' typing state."""
+        async for item in self.broker.listen(self.fill_gaps):
+            if isinstance(item, TypingNotice):
+                if item.room in self._rooms:
+                    self.typists.heard(item)
+            else:
+                self.deliver(item)
 
     async def keep_presence(self) -> None:
         """Renews presence of this replica's members before it expires, which also lets names whose replica died

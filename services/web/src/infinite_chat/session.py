@@ -1,22 +1,29 @@
-"""One client's conversation with this replica: join once, then say. A bad frame gets an error and the
-conversation goes on; only a broken socket or a restart ends it."""
+"""One client's conversation with this replica: join once, then say, type, and edit, delete or react to messages. A
+bad frame gets an error and the conversation goes on; only a broken socket or a restart ends it."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 from . import metrics
 from .allowances import Allowances
-from .broker import Broker, BrokerUnavailable, Delivery, NotConfirmed, Online, QuotaRefusal
+from .broker import Broker, BrokerUnavailable, ChangeRefused, Delivery, NotConfirmed, Online, QuotaRefusal
 from .config import Settings
 from .connection import Connection
 from .protocol import (
+    Change,
     CloseCode,
+    Delete,
+    Edit,
     ErrorCode,
     Join,
     ProtocolError,
+    React,
     Say,
+    Typing,
+    change_body,
     error_frame,
     message_body,
     parse_client_frame,
@@ -25,6 +32,7 @@ from .protocol import (
 )
 from .ratelimit import TokenBucket
 from .rooms import Member, Rooms
+from .typists import TYPING_NOTICE_GAP
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,7 @@ class Session:
         # Whether this connection's first message would create its room (the log was empty at the join). Other
         # clients may create it meanwhile; then the address is charged a room it did not create, once.
         self.room_is_new = False
+        self.typed_at = float("-inf")
 
     async def handle(self, data: str | bytes) -> None:
         if self.connection.closing:
@@ -62,8 +71,12 @@ class Session:
             command = parse_client_frame(data)
             if isinstance(command, Say):
                 await self._say(command)
-            else:
+            elif isinstance(command, Join):
                 await self._join(command)
+            elif isinstance(command, Typing):
+                self._typing()
+            else:
+                await self._change(command)
         except ProtocolError as error:
             self._refuse(error)
 
@@ -109,7 +122,13 @@ class Session:
             )
             if missed.found and missed.complete:
                 return missed.deliveries, True
-        return await self.broker.recent(join.room, self.settings.history_size), False
+        recent = await self.broker.recent(join.room, self.settings.history_size)
+        # The newest that fit the bound in bytes: a history of messages with many reactions can be large.
+        size, bound, start = 0, self.settings.welcome_history_bytes, len(recent)
+        while start > 0 and size + len(recent[start - 1].frame) <= bound:
+            start -= 1
+            size += len(recent[start].frame)
+        return recent[start:], False
 
     def _welcome(self, join: Join, online: Online, history: list[bytes], resumed: bool) -> bytes:
         return welcome_frame(
@@ -122,18 +141,65 @@ class Session:
             resumed=resumed,
         )
 
-    async def _say(self, say: Say) -> None:
-        metrics.MESSAGES_RECEIVED.inc()
-        member = self.member
-        if member is None:
-            raise ProtocolError(ErrorCode.NOT_JOINED, 'Join a room first: {"type": "join", "name": ...}.', say.ref)
+    def _joined(self, ref: str | None) -> Member:
+        if self.member is None:
+            raise ProtocolError(ErrorCode.NOT_JOINED, 'Join a room first: {"type": "join", "name": ...}.', ref)
+        return self.member
+
+    def _within_rate(self, ref: str | None) -> bool:
+        """Takes one from the connection's token bucket (messages and changes share it); refuses when it is empty."""
         wait = self.rate.take()
         if wait > 0:
             self._refuse(
-                ProtocolError(ErrorCode.RATE_LIMITED, "Slow down: you are sending messages too fast.", say.ref),
+                ProtocolError(ErrorCode.RATE_LIMITED, "Slow down: you are sending messages too fast.", ref),
                 retry_after_ms=max(1, round(wait * 1000)),
             )
+            return False
+        return True
+
+    def _typing(self) -> None:
+        member = self._joined(None)
+        now = time.monotonic()
+        if now - self.typed_at < TYPING_NOTICE_GAP:
+            return  # more often than clients are asked to: ignored, not an error
+        self.typed_at = now
+        self.rooms.typists.typed(member.room, member.name)
+
+    async def _change(self, change: Edit | Delete | React) -> None:
+        member = self._joined(change.ref)
+        if not self._within_rate(change.ref):
             return
+        kind = (
+            Change.EDIT if isinstance(change, Edit) else Change.DELETE if isinstance(change, Delete) else Change.REACT
+        )
+        body = change_body(member.room, member.name, change)
+        try:
+            refusal = await self.allowances.take(self.address, len(body), new_room=False)
+            if refusal is not None:
+                self._refuse(_quota_error(refusal, change.ref), retry_after_ms=refusal.retry_after_ms)
+                return
+            if isinstance(change, React):
+                await self.broker.change(
+                    member.room, kind, change.target, body, name=member.name, emoji=change.emoji, on=change.on
+                )
+            else:
+                await self.broker.change(member.room, kind, change.target, body, name=member.name)
+        except ChangeRefused as refused:
+            raise ProtocolError(refused.code, _CHANGE_REFUSED[refused.code], change.ref) from None
+        except NotConfirmed:
+            detail = "Not confirmed: the chat could not make sure your change is kept. Send it again."
+            raise ProtocolError(ErrorCode.UNAVAILABLE, detail, change.ref) from None
+        except BrokerUnavailable:
+            detail = "Not done: the chat cannot store changes right now. Try again."
+            raise ProtocolError(ErrorCode.UNAVAILABLE, detail, change.ref) from None
+        metrics.CHANGES_ACCEPTED.labels(kind.value).inc()
+
+    async def _say(self, say: Say) -> None:
+        metrics.MESSAGES_RECEIVED.inc()
+        member = self._joined(say.ref)
+        if not self._within_rate(say.ref):
+            return
+        self.rooms.typists.said(member.room, member.name)
         body = message_body(member.room, member.name, say.text, say.ref)
         try:
             refusal = await self.allowances.take(self.address, len(body), new_room=self.room_is_new)
@@ -165,6 +231,16 @@ class Session:
             self.present = False
             with contextlib.suppress(BrokerUnavailable):
                 await self.broker.leave(member.room, member.entry)
+
+
+_CHANGE_REFUSED = {
+    ErrorCode.UNKNOWN_MESSAGE: "There is no such message in this room (or it is too old to be kept).",
+    ErrorCode.NOT_YOURS: "You can edit and delete only your own messages.",
+    ErrorCode.EDIT_WINDOW_CLOSED: "That message is too old to edit now.",
+    ErrorCode.MESSAGE_DELETED: "That message was deleted.",
+    ErrorCode.NO_CHANGE: "Nothing to change: the message is like that already.",
+    ErrorCode.TOO_MANY_REACTIONS: "That message has as many reactions as it can hold.",
+}
 
 
 def _quota_error(refusal: QuotaRefusal, ref: str | None) -> ProtocolError:

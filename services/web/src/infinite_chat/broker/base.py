@@ -14,11 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from dataclasses import dataclass
 
 from ..config import Settings
-from ..protocol import ErrorCode, MessageId, message_frame, parse_message_id
+from ..protocol import Change, ErrorCode, MessageId, entry_frame, message_frame, parse_message_id
 
 # Entries read from a log per round trip: a bounded reply (at most about 900 KB of the largest messages) however
 # far a reader is behind, so that no read makes Redis hold a large output buffer.
 LOG_PAGE = 100
+# Entries a history read (`recent`) looks through for its messages, at most: changes (edits, reactions) are entries
+# too, and a flood of them must not make one welcome read the whole log.
+RECENT_SCAN = 1000
 # The window over which an address's allowance of bytes and new rooms refills.
 QUOTA_WINDOW_MS = 3_600_000
 # Expired presence entries swept per presence call, at most: about 2 ms of Redis's time (measured: 1,000 took 9 ms). A
@@ -37,6 +40,14 @@ class NotConfirmed(BrokerUnavailable):
     a later message's confirmation also shows it."""
 
 
+class ChangeRefused(Exception):
+    """A change to a message that its state or the rules do not allow (or that changes nothing): `code` says which."""
+
+    def __init__(self, code: ErrorCode) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One object for the clients of a room: a message (with its id) or a presence event (id None).
@@ -47,6 +58,14 @@ class Delivery:
     room: str
     id: MessageId | None
     frame: bytes  # UTF-8 JSON, encoded once
+
+
+@dataclass(frozen=True, slots=True)
+class TypingNotice:
+    """Names of a room that a replica heard typing since its previous notice (typists.py); never stored."""
+
+    room: str
+    names: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +112,15 @@ def message_delivery(room: str, message_id: str | bytes, body: bytes) -> Deliver
     return Delivery(room, parse_message_id(message_id), message_frame(message_id, body))
 
 
+def change_delivery(room: str, entry_id: str | bytes, kind: str | bytes, body: bytes) -> Delivery:
+    """A change to a message (Change), as its log entry."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    if isinstance(kind, bytes):
+        kind = kind.decode()
+    return Delivery(room, parse_message_id(entry_id), entry_frame(kind, entry_id, body))
+
+
 def presence_entry(connection_id: str, name: str) -> str:
     return f"{connection_id}|{name}"
 
@@ -112,14 +140,25 @@ class Log(ABC):
         as safe as the policy asks (REDIS_CONFIRM_REPLICAS), else raises NotConfirmed."""
 
     @abstractmethod
+    async def change(
+        self, room: str, kind: Change, target: str, body: bytes, *, name: str, emoji: str = "", on: bool = True
+    ) -> str:
+        """Edits, deletes or reacts to message `target` (as `name`), checked against its state and the rules (one's
+        own message; the edit window; REACTIONS_PER_MESSAGE), records it in the message's state and appends it to the
+        log after the message, published like a message and confirmed as one. Returns the change's id; raises
+        ChangeRefused with the reason, NO_CHANGE when the message is as asked already (confirmed like a change)."""
+
+    @abstractmethod
     async def recent(self, room: str, limit: int, before: str | None = None) -> list[Delivery]:
-        """Up to `limit` messages older than `before` (or the newest), oldest first."""
+        """Up to `limit` messages older than `before` (or the newest), oldest first, each as it now is (its changes
+        applied; the change entries themselves are left out), among at most RECENT_SCAN entries of the log."""
 
     @abstractmethod
     async def read_after(self, room: str, position: MessageId | None, *, max_messages: int, max_bytes: int) -> LogRead:
-        """The messages after the one with id `position` (from the start for None), oldest first, at most
-        `max_messages` of them and `max_bytes` of frames. Read in pages of LOG_PAGE, each checking first that the
-        position it continues from is still in the log, so nothing is read after an id that is not there."""
+        """The entries after the one with id `position` (from the start for None), oldest first: messages as they now
+        are and the changes to messages, at most `max_messages` of them and `max_bytes` of frames. Read in pages of
+        LOG_PAGE, each checking first that the position it continues from is still in the log, so nothing is read
+        after an id that is not there."""
 
     @abstractmethod
     async def subscribe(self, room: str) -> None:
@@ -136,8 +175,13 @@ class Log(ABC):
         """The rooms asked for (confirmed or not)."""
 
     @abstractmethod
-    def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
-        """Everything published in the subscribed rooms (messages and presence events), each room in its order,
+    async def publish_typing(self, room: str, names: Sequence[str]) -> None:
+        """Tells every replica hearing the room that these names are typing (a TypingNotice); not stored."""
+
+    @abstractmethod
+    def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice]:
+        """Everything published in the subscribed rooms (messages, changes, presence events and typing notices), each
+        room in its order,
         forever. After each (re)subscription, and before the next delivery of the rooms it made, it awaits
         `on_subscribed` with those rooms, which is where a replica fetches what they missed."""
 

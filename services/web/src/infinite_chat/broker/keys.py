@@ -20,6 +20,12 @@ def confirmed_key(room: str) -> str:
     return f"chat:{{{room}}}:confirmed"
 
 
+def changes_keys(room: str) -> list[str]:
+    """The room's changed messages (change.lua: message id -> what edits, a deletion and reactions made of it) and
+    the same ids by time, so that the states of messages trimmed from the log are forgotten."""
+    return [f"chat:{{{room}}}:changes", f"chat:{{{room}}}:changed"]
+
+
 def retry_keys(room: str) -> list[str]:
     """The refs of the room's messages of this retry window and of the one before (append.lua: "<name>\n<ref>" ->
     message id), so that a retried say is stored once."""

@@ -13,17 +13,32 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
 
+import orjson
+
 from ..config import Settings
-from ..protocol import ErrorCode, MessageId, parse_message_id, presence_frame
+from ..protocol import (
+    REACTIONS_PER_MESSAGE,
+    Change,
+    Changes,
+    ErrorCode,
+    MessageId,
+    message_as_now,
+    parse_message_id,
+    presence_frame,
+)
 from .base import (
     QUOTA_WINDOW_MS,
+    RECENT_SCAN,
     Appended,
     Broker,
+    ChangeRefused,
     Delivery,
     LogRead,
     Online,
     OnSubscribed,
     QuotaRefusal,
+    TypingNotice,
+    change_delivery,
     message_delivery,
 )
 from .keys import retry_field
@@ -129,6 +144,29 @@ class _Refs:
 
 
 @dataclass(slots=True)
+class _Entry:
+    """An entry of a room's log: a message (kind None) or a change to one."""
+
+    key: MessageId
+    id: str
+    body: bytes
+    kind: str | None = None
+
+
+@dataclass(slots=True)
+class _State:
+    """What change.lua keeps of a changed message, the same way."""
+
+    edit_id: str | None = None
+    edit_body: bytes | None = None
+    deleted_id: str | None = None
+    reactions: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    def changes(self) -> Changes:
+        return Changes(self.edit_id, self.edit_body, self.deleted_id, [(e, list(n)) for e, n in self.reactions])
+
+
+@dataclass(slots=True)
 class _Allowance:
     """What quota.lua keeps per address: bytes and rooms left, as of `at` (seconds)."""
 
@@ -142,11 +180,12 @@ class MemoryBroker(Broker):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self._logs: dict[str, list[tuple[MessageId, str, bytes]]] = {}
+        self._logs: dict[str, list[_Entry]] = {}
+        self._states: dict[str, dict[str, _State]] = {}
         self._room_presence: dict[str, _RoomPresence] = {}
         self._allowances: dict[str, _Allowance] = {}
         self._refs: dict[str, _Refs] = {}
-        self._listeners: set[asyncio.Queue[Delivery]] = set()
+        self._listeners: set[asyncio.Queue[Delivery | TypingNotice]] = set()
         self._heard: set[str] = set()
         self._last: MessageId = (0, 0)
 
@@ -163,40 +202,113 @@ class MemoryBroker(Broker):
         if key is not None:
             known = refs.find(key, time.monotonic(), self.settings.retry_window)
             if known is not None:
-                stored = [entry for entry in self._logs.get(room, []) if entry[1] == known]
-                repeat = message_delivery(room, known, stored[0][2]) if stored else None
+                stored = [entry for entry in self._logs.get(room, []) if entry.id == known]
+                repeat = message_delivery(room, known, stored[0].body) if stored else None
                 return Appended(known, repeat, retried=True)
-        millis = max(int(time.time() * 1000), self._last[0])
-        self._last = (millis, self._last[1] + 1 if millis == self._last[0] else 0)
-        message_id = f"{self._last[0]}-{self._last[1]}"
-        entries = self._logs.setdefault(room, [])
-        entries.append((self._last, message_id, body))
-        del entries[: -self.settings.retain]
+        message_id = self._add(room, body, None)
         if key is not None:
             refs.keep(key, message_id, time.monotonic(), self.settings.retry_window)
         self._publish(message_delivery(room, message_id, body))
         return Appended(message_id)
 
+    def _add(self, room: str, body: bytes, kind: str | None) -> str:
+        millis = max(int(time.time() * 1000), self._last[0])
+        self._last = (millis, self._last[1] + 1 if millis == self._last[0] else 0)
+        entry_id = f"{self._last[0]}-{self._last[1]}"
+        entries = self._logs.setdefault(room, [])
+        entries.append(_Entry(self._last, entry_id, body, kind))
+        del entries[: -self.settings.retain]
+        states = self._states.get(room, {})
+        oldest = entries[0].key
+        for gone in [message_id for message_id in states if (parse_message_id(message_id) or oldest) < oldest]:
+            del states[gone]
+        return entry_id
+
+    async def change(
+        self, room: str, kind: Change, target: str, body: bytes, *, name: str, emoji: str = "", on: bool = True
+    ) -> str:
+        # change.lua, in Python: the same checks in the same order, the same state.
+        found = [entry for entry in self._logs.get(room, []) if entry.id == target and entry.kind is None]
+        if not found:
+            raise ChangeRefused(ErrorCode.UNKNOWN_MESSAGE)
+        message = orjson.loads(b"{" + found[0].body)
+        if kind in (Change.EDIT, Change.DELETE) and message["name"] != name:
+            raise ChangeRefused(ErrorCode.NOT_YOURS)
+        states = self._states.setdefault(room, {})
+        state = states.get(target, _State())
+        if kind is Change.DELETE:
+            if state.deleted_id is not None:
+                raise ChangeRefused(ErrorCode.NO_CHANGE)
+        elif state.deleted_id is not None:
+            raise ChangeRefused(ErrorCode.MESSAGE_DELETED)
+        elif kind is Change.EDIT:
+            sent = int(target.partition("-")[0])
+            if time.time() * 1000 - sent > self.settings.edit_window * 1000:
+                raise ChangeRefused(ErrorCode.EDIT_WINDOW_CLOSED)
+            current = orjson.loads(b"{" + state.edit_body)["text"] if state.edit_body else message["text"]
+            if orjson.loads(b"{" + body)["text"] == current:
+                raise ChangeRefused(ErrorCode.NO_CHANGE)
+        else:
+            names = next((names for reaction, names in state.reactions if reaction == emoji), None)
+            if on == (names is not None and name in names):
+                raise ChangeRefused(ErrorCode.NO_CHANGE)
+            if on:
+                if sum(len(names) for _, names in state.reactions) >= REACTIONS_PER_MESSAGE:
+                    raise ChangeRefused(ErrorCode.TOO_MANY_REACTIONS)
+                if names is None:
+                    names = []
+                    state.reactions.append((emoji, names))
+                names.append(name)
+            else:
+                assert names is not None
+                names.remove(name)
+                if not names:
+                    state.reactions = [(e, n) for e, n in state.reactions if e != emoji]
+            body = body[:-1] + b',"count":%d}' % len(names)
+        entry_id = self._add(room, body, kind.value)
+        if kind is Change.EDIT:
+            state.edit_id, state.edit_body = entry_id, body
+        elif kind is Change.DELETE:
+            state = _State(deleted_id=entry_id)
+        if state == _State():
+            states.pop(target, None)
+        else:
+            states[target] = state
+        self._publish(change_delivery(room, entry_id, kind.value, body))
+        return entry_id
+
+    async def publish_typing(self, room: str, names: Sequence[str]) -> None:
+        self._publish(TypingNotice(room, tuple(names)))
+
+    def _delivery(self, room: str, entry: _Entry) -> Delivery:
+        if entry.kind is not None:
+            return change_delivery(room, entry.id, entry.kind, entry.body)
+        state = self._states.get(room, {}).get(entry.id)
+        if state is None:
+            return message_delivery(room, entry.id, entry.body)
+        return Delivery(room, entry.key, message_as_now(entry.id, entry.body, state.changes()))
+
     async def recent(self, room: str, limit: int, before: str | None = None) -> list[Delivery]:
         entries = self._logs.get(room, [])
         if before is not None:
             bound = parse_message_id(before)
-            entries = [entry for entry in entries if bound is not None and entry[0] < bound]
-        return [message_delivery(room, message_id, body) for _, message_id, body in entries[-limit:]]
+            entries = [entry for entry in entries if bound is not None and entry.key < bound]
+        messages = [entry for entry in entries[-RECENT_SCAN:] if entry.kind is None]
+        return [self._delivery(room, entry) for entry in messages[-limit:]] if limit else []
 
     async def read_after(self, room: str, position: MessageId | None, *, max_messages: int, max_bytes: int) -> LogRead:
         entries = self._logs.get(room, [])
         start = 0
         if position is not None:
-            keys = [key for key, _, _ in entries]
+            keys = [entry.key for entry in entries]
             start = bisect_left(keys, position)
             if start == len(keys) or keys[start] != position:
                 return LogRead([], found=False, complete=False)
             start += 1
         deliveries: list[Delivery] = []
         size = 0
-        for _, message_id, body in entries[start:]:
-            delivery = message_delivery(room, message_id, body)
+        for entry in entries[start:]:
+            delivery = self._delivery(room, entry)
             if len(deliveries) == max_messages or size + len(delivery.frame) > max_bytes:
                 return LogRead(deliveries, found=True, complete=False)
             deliveries.append(delivery)
@@ -302,7 +414,7 @@ class MemoryBroker(Broker):
         state.reads = 0
         self._publish(Delivery(room, None, frame))
 
-    def _publish(self, delivery: Delivery) -> None:
+    def _publish(self, delivery: Delivery | TypingNotice) -> None:
         if delivery.room not in self._heard:
             return
         for queue in self._listeners:
@@ -317,8 +429,8 @@ class MemoryBroker(Broker):
     def subscribed(self) -> set[str]:
         return set(self._heard)
 
-    async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
-        queue: asyncio.Queue[Delivery] = asyncio.Queue()
+    async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice]:
+        queue: asyncio.Queue[Delivery | TypingNotice] = asyncio.Queue()
         self._listeners.add(queue)
         try:
             await on_subscribed(set(self._heard))

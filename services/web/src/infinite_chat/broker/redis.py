@@ -24,28 +24,43 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool, Connection, SSLConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, NoScriptError
 from redis.retry import Retry
 
 from .. import metrics
 from ..config import Settings
-from ..protocol import ErrorCode, MessageId, parse_message_id, presence_frame
+from ..protocol import (
+    REACTIONS_PER_MESSAGE,
+    Change,
+    Changes,
+    ErrorCode,
+    MessageId,
+    message_as_now,
+    parse_message_id,
+    presence_frame,
+)
 from .base import (
     LOG_PAGE,
     QUOTA_WINDOW_MS,
+    RECENT_SCAN,
     Appended,
     Broker,
     BrokerUnavailable,
+    ChangeRefused,
     Delivery,
     LogRead,
     NotConfirmed,
     Online,
     OnSubscribed,
     QuotaRefusal,
+    TypingNotice,
+    change_delivery,
     message_delivery,
 )
 from .confirmations import Confirmed
 from .keys import (
+    changes_keys,
     channel_key,
     confirmed_key,
     log_key,
@@ -172,6 +187,8 @@ class RedisBroker(Broker):
         self._confirming = settings.redis_confirm_replicas > 0
         self.subscriptions = Subscriptions(topology, _parse_published, holding=self._confirming)
         self._append = self.redis.register_script(_script("append.lua"))
+        self._change = self.redis.register_script(_script("change.lua"))
+        self._typing = self.redis.register_script(_script("typing.lua"))
         self._confirm = self.redis.register_script(_script("confirm.lua"))
         self._migrate = self.redis.register_script(_script("migrate.lua"))
         self._presence_script = self.redis.register_script(_script("presence.lua"))
@@ -227,7 +244,8 @@ class RedisBroker(Broker):
         try:
             await self._discover()
             if self._confirming:
-                reply = await self._append_and_confirm(room, keys, args)
+                reply, replicas = await self._run_on_primary(room, self._append, keys, args)
+                await self._confirmed(room, reply[0], replicas)
             else:
                 reply = await self._append(keys=keys, args=args)
         except REDIS_FAILURES as error:
@@ -238,17 +256,58 @@ class RedisBroker(Broker):
             return Appended(message_id)
         return Appended(message_id, None if stored is None else message_delivery(room, message_id, stored), True)
 
-    async def _append_and_confirm(self, room: str, keys: list[str], args: list[bytes | str | int]) -> Any:
-        """append.lua, then WAIT on the same connection (it counts the replicas that have every write that connection
-        made), then confirm.lua. NotConfirmed when too few replicas have it in time: it stays in the log unshown."""
+    async def change(
+        self, room: str, kind: Change, target: str, body: bytes, *, name: str, emoji: str = "", on: bool = True
+    ) -> str:
         settings = self.settings
-        wanted = settings.redis_confirm_replicas
-        script = self._append
+        keys = [log_key(room), confirmed_key(room), *changes_keys(room)]
+        args: list[bytes | str | int] = [
+            kind.value,
+            target,
+            name,
+            body,
+            settings.retain,
+            channel_key(room),
+            room,
+            self._idle_seconds,
+            1 if self._confirming else 0,
+            settings.edit_window * 1000,
+            emoji,
+            1 if on else 0,
+            REACTIONS_PER_MESSAGE,
+        ]
+        try:
+            await self._discover()
+            if self._confirming:
+                (entry_id, verdict), replicas = await self._run_on_primary(room, self._change, keys, args)
+                if entry_id is not None:  # made, or as asked already (then the log's newest entry is confirmed)
+                    await self._confirmed(room, entry_id, replicas)
+            else:
+                entry_id, verdict = await self._change(keys=keys, args=args)
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+        if verdict != b"ok":
+            raise ChangeRefused(ErrorCode(verdict.decode()))
+        return str(entry_id.decode())
+
+    async def publish_typing(self, room: str, names: Sequence[str]) -> None:
+        try:
+            await self._discover()
+            await self._typing(keys=[log_key(room)], args=[channel_key(room), _typing_payload(room, names)])
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+
+    async def _run_on_primary(
+        self, room: str, script: AsyncScript, keys: list[str], args: list[bytes | str | int]
+    ) -> tuple[Any, int]:
+        """A script, then WAIT on the same connection (it counts the replicas that have every write that connection
+        made): the script's reply and how many replicas have its writes."""
+        settings = self.settings
         for attempt in range(3):
             primary = self._primary_for(log_key(room))
             async with primary.pipeline(transaction=False) as pipe:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
-                pipe.wait(wanted, settings.redis_confirm_timeout_ms)
+                pipe.wait(settings.redis_confirm_replicas, settings.redis_confirm_timeout_ms)
                 reply, replicas = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError):
                 await primary.script_load(script.script)  # not run: a new primary, or Redis restarted
@@ -260,14 +319,19 @@ class RedisBroker(Broker):
                 raise reply
             break
         else:
-            raise BrokerUnavailable("the append could not be run on the room's primary")  # NOSCRIPT or MOVED again
+            raise BrokerUnavailable("the script could not be run on the room's primary")  # NOSCRIPT or MOVED again
         if isinstance(replicas, BaseException):
             raise replicas
-        if int(replicas) < wanted:
+        return reply, int(replicas)
+
+    async def _confirmed(self, room: str, entry_id: bytes, replicas: int) -> None:
+        """Shows the room's log up to this entry (confirm.lua), if enough replicas have it; else NotConfirmed: it
+        stays in the log unshown."""
+        wanted = self.settings.redis_confirm_replicas
+        if replicas < wanted:
             metrics.MESSAGES_UNCONFIRMED.inc()
-            raise NotConfirmed(f"{int(replicas)} of {wanted} replicas confirmed the message in time")
-        await self._confirm(keys=[confirmed_key(room)], args=[reply[0], channel_key(room), room, self._idle_seconds])
-        return reply
+            raise NotConfirmed(f"{replicas} of {wanted} replicas confirmed the message in time")
+        await self._confirm(keys=[confirmed_key(room)], args=[entry_id, channel_key(room), room, self._idle_seconds])
 
     def _primary_for(self, key: str) -> redis.Redis:
         """The client of the primary that serves this key: on a cluster, one per node (ClusterTopology.commands)."""
@@ -289,6 +353,8 @@ class RedisBroker(Broker):
         if before is not None and parse_message_id(before) == (0, 0):
             # Nothing is older than 0-0, and Redis answers the range "(0-0" with an error, not an empty list.
             return []
+        key = log_key(room)
+        messages: list[tuple[bytes, dict[bytes, bytes]]] = []
         try:
             await self._discover()
             end = await self._visible_end(room)
@@ -298,10 +364,29 @@ class RedisBroker(Broker):
                 confirmed, older_than = parse_message_id(end), parse_message_id(before) if before else None
                 if older_than is None or (confirmed is not None and confirmed < older_than):
                     start = end
-            entries = await self.redis.xrevrange(log_key(room), start, "-", count=limit)
+            # The first page asks for just the messages wanted: with no changes among them, one round trip.
+            scanned, count = 0, min(limit, RECENT_SCAN)
+            while True:
+                entries: Any = await self.redis.xrevrange(key, start, "-", count=count)
+                scanned += len(entries)
+                messages.extend(entry for entry in entries if b"k" not in entry[1])
+                if len(messages) >= limit or len(entries) < count or scanned >= RECENT_SCAN:
+                    break
+                start = f"({entries[-1][0].decode()}"
+                count = min(LOG_PAGE, RECENT_SCAN - scanned)
+            messages = messages[:limit][::-1]
+            changes = await self._changes(room, messages)
         except REDIS_FAILURES as error:
             raise _unavailable(error) from None
-        return _deliveries(room, entries)[::-1]
+        return _deliveries(room, messages, changes)
+
+    async def _changes(self, room: str, entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> dict[bytes, Changes]:
+        """What edits, deletions and reactions made of these entries' messages (change.lua keeps it)."""
+        ids = [entry_id for entry_id, fields in entries if b"k" not in fields]
+        if not ids:
+            return {}
+        states: list[Any] = await self.redis.hmget(changes_keys(room)[0], ids)
+        return {entry_id: _parse_changes(state) for entry_id, state in zip(ids, states, strict=True) if state}
 
     async def read_after(self, room: str, position: MessageId | None, *, max_messages: int, max_bytes: int) -> LogRead:
         key = log_key(room)
@@ -331,7 +416,10 @@ class RedisBroker(Broker):
                 # Not in the log (made up, trimmed, or the room's log is gone): nothing after it can be trusted. On
                 # a later page, the last message read was trimmed meanwhile: what was read stands.
                 return LogRead(deliveries, found=not first_page, complete=False)
-            page = _deliveries(room, replies[-1])
+            try:
+                page = _deliveries(room, replies[-1], await self._changes(room, replies[-1]))
+            except REDIS_FAILURES as error:
+                raise _unavailable(error) from None
             for delivery in page:
                 if len(deliveries) == max_messages or size + len(delivery.frame) > max_bytes:
                     return LogRead(deliveries, found=True, complete=False)
@@ -399,7 +487,7 @@ class RedisBroker(Broker):
     def subscribed(self) -> set[str]:
         return set(self.subscriptions.heard)
 
-    def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
+    def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice]:
         return self.subscriptions.listen(on_subscribed)
 
     async def check_policy(self) -> None:
@@ -450,19 +538,56 @@ class RedisBroker(Broker):
             log.info("moved %d room logs to the new key layout", moved, extra={"event": "migrated", "kept": kept})
 
 
-def _deliveries(room: str, entries: Any) -> list[Delivery]:
-    """Stream entries, [(id, {b"b": body}), ...] as redis-py returns them (typed loosely there), as deliveries."""
-    return [message_delivery(room, message_id, fields[b"b"]) for message_id, fields in entries]
+def _deliveries(room: str, entries: Any, changes: dict[bytes, Changes]) -> list[Delivery]:
+    """Stream entries, [(id, {b"b": body, b"k": change}), ...] as redis-py returns them (typed loosely there), as
+    deliveries: messages as their changes left them, and the changes (which have a kind)."""
+    deliveries = []
+    for entry_id, fields in entries:
+        kind = fields.get(b"k")
+        if kind is not None:
+            deliveries.append(change_delivery(room, entry_id, kind, fields[b"b"]))
+            continue
+        state = changes.get(entry_id)
+        if state is None:
+            deliveries.append(message_delivery(room, entry_id, fields[b"b"]))
+        else:
+            message_id = entry_id.decode()
+            deliveries.append(
+                Delivery(room, parse_message_id(message_id), message_as_now(message_id, fields[b"b"], state))
+            )
+    return deliveries
 
 
-def _parse_published(data: bytes) -> Delivery | Confirmed:
-    """What append.lua, confirm.lua and presence.lua publish: "<room>\n<id>\n<body>" for a message,
-    "<room>\n\nconfirmed\n<id>" for a confirmation, and
+def _parse_changes(state: bytes) -> Changes:
+    """A message's state as change.lua keeps it: {"e": edit id, "x": its body, "d": deletion id, "r": reactions}."""
+    fields = orjson.loads(state)
+    edit_body = fields.get("x")
+    return Changes(
+        edit_id=fields.get("e"),
+        edit_body=None if edit_body is None else edit_body.encode(),
+        deleted_id=fields.get("d"),
+        reactions=[(emoji, names) for emoji, names in fields.get("r", [])],
+    )
+
+
+def _typing_payload(room: str, names: Sequence[str]) -> bytes:
+    return f"{room}\n\ntyping\n".encode() + orjson.dumps(list(names))
+
+
+def _parse_published(data: bytes) -> Delivery | Confirmed | TypingNotice:
+    """What the scripts publish: "<room>\n<id>\n<body>" for a message (append.lua; a body starts with a quote),
+    "<room>\n<id>\n<change>\n<body>" for a change to one (change.lua), "<room>\n\nconfirmed\n<id>" for a
+    confirmation, "<room>\n\ntyping\n<names>" for a typing notice, and
     "<room>\n\n<event>\n<name>\n<count>\n<truncated>\n<joined>\n<left>" for a presence event (the lists as
     JSON)."""
     room, message_id, rest = data.split(b"\n", 2)
     if message_id:
-        return message_delivery(room.decode(), message_id, rest)
+        if rest.startswith(b'"'):
+            return message_delivery(room.decode(), message_id, rest)
+        kind, body = rest.split(b"\n", 1)
+        return change_delivery(room.decode(), message_id, kind, body)
+    if rest.startswith(b"typing\n"):
+        return TypingNotice(room.decode(), tuple(orjson.loads(rest[len(b"typing\n") :])))
     if rest.startswith(b"confirmed\n"):
         confirmed = parse_message_id(rest[len(b"confirmed\n") :].decode())
         assert confirmed is not None  # confirm.lua publishes a message id

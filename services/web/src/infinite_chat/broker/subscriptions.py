@@ -28,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from .. import metrics
-from .base import BrokerUnavailable, Delivery, OnSubscribed
+from .base import BrokerUnavailable, Delivery, OnSubscribed, TypingNotice
 from .confirmations import Confirmed, Unconfirmed
 from .keys import channel_key, is_listening_key, listening_key, room_of_channel, slot_of
 
@@ -234,17 +234,21 @@ class Subscriptions:
     """The rooms this replica hears, each on the connection of the node that serves its channel."""
 
     def __init__(
-        self, topology: Topology, parse: Callable[[bytes], Delivery | Confirmed], *, holding: bool = False
+        self,
+        topology: Topology,
+        parse: Callable[[bytes], Delivery | Confirmed | TypingNotice],
+        *,
+        holding: bool = False,
     ) -> None:
         self.topology = topology
         self.parse = parse
-        # Messages are shown only once confirmed (confirmations.py); presence events are never held.
+        # Messages and changes are shown only once confirmed (confirmations.py); presence and typing are never held.
         self.holding = holding
         self.unconfirmed = Unconfirmed()
         # Each room asked for, and whether Redis has confirmed its subscription (set) or not yet (a new future).
         self.heard: dict[str, asyncio.Future[None]] = {}
         self._shards: dict[str, Shard] = {}
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(QUEUE_LIMIT)
+        self._queue: asyncio.Queue[Delivery | TypingNotice] = asyncio.Queue(QUEUE_LIMIT)
         self._on_subscribed: OnSubscribed | None = None
 
     async def subscribe(self, room: str) -> None:
@@ -272,7 +276,7 @@ class Subscriptions:
             if room in shard.rooms:
                 await shard.remove(room)
 
-    async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery]:
+    async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice]:
         self._on_subscribed = on_subscribed
         backoff = Backoff()
         while True:
@@ -335,7 +339,7 @@ class Subscriptions:
         if self._on_subscribed is not None:
             await self._on_subscribed(rooms)
 
-    async def deliver(self, item: Delivery | Confirmed) -> None:
+    async def deliver(self, item: Delivery | Confirmed | TypingNotice) -> None:
         if isinstance(item, Confirmed):
             released, overflowed = self.unconfirmed.release(item)
             if overflowed:
@@ -344,7 +348,7 @@ class Subscriptions:
                 await self._queue.put(delivery)
             return
         metrics.FANOUT_RECEIVED.inc()
-        if self.holding and item.id is not None:
+        if self.holding and isinstance(item, Delivery) and item.id is not None:
             self.unconfirmed.hold(item)
         else:
             await self._queue.put(item)
@@ -446,7 +450,7 @@ class Shard:
                 # Read the confirmations, and only then catch up on the logs, so that nothing published is lost.
                 # (Redis confirms the channels of an SSUBSCRIBE before anything published on them; whatever else
                 # comes first is kept for after the catch-up, where it is dropped if the catch-up had it.)
-                early: list[Delivery | Confirmed] = []
+                early: list[Delivery | Confirmed | TypingNotice] = []
                 deadline = asyncio.get_running_loop().time() + 2 * SUBSCRIBE_TIMEOUT
                 while waiting:
                     reply = await pubsub.get_message(timeout=1.0)
