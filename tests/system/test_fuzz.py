@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection, connect
 
-from infinite_chat.protocol import ErrorCode
+from infinite_chat.protocol import REACTIONS, ErrorCode
 from support.addresses import forwarded
 from support.chat import eventually, still_chats
 from support.stack import Stack
@@ -53,8 +53,11 @@ json_values = st.recursive(
 ids = st.tuples(st.integers(0, 2**70), st.integers(0, 2**70)).map(lambda t: f"{t[0]}-{t[1]}")
 strings = st.text(max_size=40) | st.text(max_size=2100) | st.sampled_from(["", " ", "\n", "\u2028", "\x00", "lobby"])
 protocol_shaped = st.fixed_dictionaries(
-    {"type": st.sampled_from(["join", "say"]) | st.text(max_size=8) | json_values},
+    {"type": st.sampled_from(["join", "say", "typing", "edit", "delete", "react"]) | st.text(max_size=8) | json_values},
     optional={
+        "id": ids | strings | json_values,
+        "emoji": st.sampled_from(REACTIONS) | strings | json_values,
+        "on": st.booleans() | json_values,
         "name": strings | json_values,
         "room": st.from_regex(r"[a-z0-9_-]{1,33}", fullmatch=True) | strings | json_values,
         "since": ids | strings | json_values,
@@ -145,12 +148,12 @@ class Prober:
             self.ws.send(iter(payload))
 
     def answer(self, timeout: float = 15) -> dict[str, Any]:
-        """The next object that answers a frame (presence events are not answers)."""
+        """The next object that answers a frame (presence events and typing lists are not answers)."""
         deadline = time.monotonic() + timeout
         while True:
             while self.waiting:
                 obj = self.waiting.pop(0)
-                if obj.get("type") != "presence":
+                if obj.get("type") not in ("presence", "typing"):
                     return obj
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -220,12 +223,45 @@ def expected(frame: Frame) -> set[str]:
             "too_many_rooms",
         }
         return unreadable | {"message"} | say_codes
+    if kind == "typing":
+        return unreadable | {"not_joined", SILENT}
+    if kind in ("edit", "delete", "react"):
+        change_codes = {
+            "invalid_ref",
+            "invalid_id",
+            "invalid_text",
+            "too_long",
+            "invalid_reaction",
+            "not_joined",
+            "rate_limited",
+            "quota_exceeded",
+            "unknown_message",
+            "not_yours",
+            "edit_window_closed",
+            "message_deleted",
+            "no_change",
+            "too_many_reactions",
+        }
+        return unreadable | {"edit", "delete", "reaction"} | change_codes
     return unreadable | {"unknown_type"}
 
 
+# A frame that gets no answer: a typing notice on a joined socket. After it, a marker frame (an unknown type with
+# this ref) shows what came back for it: nothing, or an error that came before the marker's own answer.
+SILENT = "silent"
+MARKER = json.dumps({"type": "marker", "ref": "after-a-frame-that-may-get-no-answer"})
+
+
+def may_be_silent(frame: Frame) -> bool:
+    return SILENT in expected(frame)
+
+
 def check_answer(frame: Frame, answer: dict[str, Any]) -> None:
+    if answer.get("ref") == "after-a-frame-that-may-get-no-answer":
+        assert answer.get("code") == "unknown_type", answer
+        answer = {"type": SILENT}
     kind = answer.get("type")
-    assert kind in ("error", "welcome", "message"), answer
+    assert kind in ("error", "welcome", "message", "edit", "delete", "reaction", SILENT), answer
     got = answer["code"] if kind == "error" else kind
     assert got in expected(frame), f"{frame!r:.200} was answered {got}"
     if kind == "error":
@@ -276,6 +312,13 @@ def fuzz(stack: Stack, room: str, profile: settings) -> Prober:
             close = expected_close(frame)
             if close is not None:
                 prober.expect_close(close)
+            elif may_be_silent(frame):
+                prober.send(("text", MARKER))
+                answer = prober.answer()
+                check_answer(frame, answer)
+                if answer.get("type") == "error" and answer.get("ref") != "after-a-frame-that-may-get-no-answer":
+                    marker = prober.answer()  # the marker's own answer, after the error
+                    assert marker.get("ref") == "after-a-frame-that-may-get-no-answer", marker
             else:
                 check_answer(frame, prober.answer())
         still_answers(prober, room)
