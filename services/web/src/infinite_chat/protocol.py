@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import ClassVar
 
 import orjson
 
@@ -146,6 +147,7 @@ class Change(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Edit:
+    kind: ClassVar[Change] = Change.EDIT
     target: str
     text: str
     ref: str | None
@@ -153,12 +155,14 @@ class Edit:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
+    kind: ClassVar[Change] = Change.DELETE
     target: str
     ref: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class React:
+    kind: ClassVar[Change] = Change.REACT
     target: str
     emoji: str
     on: bool

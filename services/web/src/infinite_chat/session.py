@@ -13,7 +13,6 @@ from .broker import Broker, BrokerUnavailable, ChangeRefused, Delivery, NotConfi
 from .config import Settings
 from .connection import Connection
 from .protocol import (
-    Change,
     CloseCode,
     Delete,
     Edit,
@@ -169,21 +168,16 @@ class Session:
         member = self._joined(change.ref)
         if not self._within_rate(change.ref):
             return
-        kind = (
-            Change.EDIT if isinstance(change, Edit) else Change.DELETE if isinstance(change, Delete) else Change.REACT
-        )
         body = change_body(member.room, member.name, change)
+        emoji, on = (change.emoji, change.on) if isinstance(change, React) else ("", True)
         try:
             refusal = await self.allowances.take(self.address, len(body), new_room=False)
             if refusal is not None:
                 self._refuse(_quota_error(refusal, change.ref), retry_after_ms=refusal.retry_after_ms)
                 return
-            if isinstance(change, React):
-                await self.broker.change(
-                    member.room, kind, change.target, body, name=member.name, emoji=change.emoji, on=change.on
-                )
-            else:
-                await self.broker.change(member.room, kind, change.target, body, name=member.name)
+            await self.broker.change(
+                member.room, change.kind, change.target, body, name=member.name, emoji=emoji, on=on
+            )
         except ChangeRefused as refused:
             raise ProtocolError(refused.code, _CHANGE_REFUSED[refused.code], change.ref) from None
         except NotConfirmed:
@@ -192,7 +186,7 @@ class Session:
         except BrokerUnavailable:
             detail = "Not done: the chat cannot store changes right now. Try again."
             raise ProtocolError(ErrorCode.UNAVAILABLE, detail, change.ref) from None
-        metrics.CHANGES_ACCEPTED.labels(kind.value).inc()
+        metrics.CHANGES_ACCEPTED.labels(change.kind.value).inc()
 
     async def _say(self, say: Say) -> None:
         metrics.MESSAGES_RECEIVED.inc()
