@@ -29,6 +29,18 @@ const CLOSE_SERVICE_RESTART = 1012;
 // can overtake one of an earlier batch that the rate limit sends back.
 const SEND_AHEAD = 10;
 const NAME_KEY = "infinite-chat.name";
+// Conversation features (docs/protocol.md, "Edit, delete, react" and "typing").
+const EDIT_WINDOW_MS = 900 * 1000; // EDIT_WINDOW_SECONDS
+const REACTIONS = ["👍", "👎", "❤️", "😂", "😮", "😢", "🎉", "🙏", "👀", "🔥", "✅", "🚀"];
+// Names kept per emoji of a message beyond the 10 a message object lists (live events add to them), at most.
+const REACTION_NAMES_KEEP = 50;
+const TYPING_EVERY_MS = 3000; // a `typing` frame at most this often while the person writes
+const TYPING_STALE_MS = 6000; // no `typing` object for this long: nobody is typing (its replica may be gone)
+const LONG_PRESS_MS = 500;
+// A mention as the server finds one: "@" not after a letter, digit or "_", then up to the next space, without the
+// punctuation that ends a sentence. Only the names the server lists in `mentions` are highlighted.
+const MENTION = /(?<![\p{L}\p{N}_])@(\S+)/gu;
+const MENTION_TRAILER = /[.,;:!?)\]}'"]+$/u;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -40,7 +52,10 @@ const ui = {
   log: $("log"), older: $("older"), olderButton: $("older-button"), olderText: $("older-text"),
   messages: $("messages"), pending: $("pending"), pill: $("new-pill"),
   sendForm: $("send-form"), text: $("text"), counter: $("counter"), textError: $("text-error"),
-  announce: $("announce"),
+  announce: $("announce"), typing: $("typing"), typingAnnounce: $("typing-announce"),
+  editing: $("editing"), editCancel: $("edit-cancel"), send: $("send"),
+  menu: $("menu"), menuReactions: $("menu-reactions"), menuNote: $("menu-note"), menuEdit: $("menu-edit"),
+  menuDelete: $("menu-delete"), menuKeep: $("menu-keep"),
 };
 
 // A fresh id per page: refs are "<client>-<n>", unique among everyone's messages in practice.
@@ -56,9 +71,15 @@ const chat = {
   welcomed: false, // this room's view has had its first welcome (history and the "you joined" marker)
   attempt: 0,
   reconnectTimer: 0,
-  lastId: null, // newest message id seen: `since` on reconnect
+  lastId: null, // newest id of anything from the log (message or change): `since` on reconnect
   oldestId: null, // oldest message id shown: `before` for scroll-back
-  seen: new Set(),
+  shown: new Map(), // message id -> what the page shows of it (see `recordOf`), in the DOM or about to be
+  changes: new Map(), // ref -> an edit, delete or react of ours, until its change or error comes back
+  orphans: null, // while a scroll-back page is on its way: changes to messages not shown yet, to apply to it
+  editing: null, // {id, draft}: the message being edited in the composer, and what the composer held before
+  typedAt: -Infinity, // when the last `typing` frame went
+  typingTimer: 0, // a keystroke within 3 s of the last frame: the next one goes when they are up
+  clockSkew: 0, // the server's clock minus ours, from our own echoes: the edit window is the server's
   more: false,
   loadingOlder: false,
   pending: new Map(), // ref -> {ref, text, state: "queued" | "sent" | "failed", tries, el, note}
@@ -67,7 +88,16 @@ const chat = {
   oneAtATime: false, // after a rate limit: send the next message only when the last one is through
   outage: null, // {note, since} while the connection is lost after having been up
   unreadHidden: 0,
+  mentionsHidden: 0,
   atBottom: true, // the reader is following the conversation at the bottom
+};
+
+// Who is typing, as the last `typing` object said (less the names whose message came since).
+const typing = {
+  names: [], // most recent first, possibly our own name
+  count: 0,
+  staleTimer: 0,
+  announced: new Set(), // names told to screen readers in their current burst of typing
 };
 
 // Who is online, kept as docs/protocol.md says ("Keeping the list"): the welcome's names, then each presence
@@ -172,10 +202,189 @@ function bubble(name, text, date, own) {
   return li;
 }
 
+// What the page shows of a message, as the server says it now is (edited, deleted, its reactions), then kept up to
+// date by the changes that follow it in the log.
+function recordOf(message) {
+  const deleted = typeof message.deleted === "string" ? message.deleted : null;
+  return {
+    id: message.id,
+    name: String(message.name),
+    ts: String(message.ts),
+    text: deleted || typeof message.text !== "string" ? "" : message.text,
+    mentions: deleted ? [] : strings(message.mentions),
+    edited: typeof message.edited === "string" ? message.edited : null,
+    deleted,
+    reactions: deleted ? new Map() : reactionsOf(message.reactions),
+    editClosed: false, // the server said edit_window_closed
+    busy: new Set(), // emoji whose reaction of ours is on its way
+    note: null, // {text, kind, action?: {label, run}}: how our last change to it went
+    el: el("li"),
+  };
+}
+
+function reactionsOf(list) {
+  const reactions = new Map();
+  if (!Array.isArray(list)) return reactions;
+  for (const item of list) {
+    if (!item || typeof item.emoji !== "string" || !Number.isInteger(item.count) || item.count <= 0) continue;
+    const names = strings(item.names).slice(0, REACTION_NAMES_KEEP);
+    // The object lists the first 10 names: past them, whether one of them is ours is known only from our own
+    // reaction events (or a `no_change` answer).
+    reactions.set(item.emoji, { count: item.count, names, mine: names.includes(chat.name) });
+  }
+  return reactions;
+}
+
 function messageElement(message) {
-  const li = bubble(String(message.name), String(message.text), new Date(message.ts), message.name === chat.name);
-  li.dataset.id = message.id;
-  return li;
+  const record = recordOf(message);
+  chat.shown.set(record.id, record);
+  record.el.dataset.id = record.id;
+  render(record);
+  return record.el;
+}
+
+function isOwn(record) {
+  return record.name === chat.name;
+}
+
+function serverNow() {
+  return Date.now() + chat.clockSkew;
+}
+
+function canEdit(record) {
+  if (!isOwn(record) || record.deleted || record.editClosed) return false;
+  const sent = Date.parse(record.ts);
+  return Number.isNaN(sent) || serverNow() < sent + EDIT_WINDOW_MS;
+}
+
+// The text as text nodes, with the mentions the server listed (ours stronger) in spans: still textContent only.
+function textWithMentions(text, mentions) {
+  const node = el("div", "text");
+  if (!mentions.length) {
+    node.textContent = text;
+    return node;
+  }
+  const listed = new Set(mentions);
+  let at = 0;
+  for (const match of text.matchAll(MENTION)) {
+    const name = match[1].replace(MENTION_TRAILER, "");
+    if (!listed.has(name)) continue;
+    if (match.index > at) node.append(text.slice(at, match.index));
+    node.append(el("span", name === chat.name ? "mention me" : "mention", `@${name}`));
+    at = match.index + 1 + name.length;
+  }
+  if (at < text.length) node.append(text.slice(at));
+  return node;
+}
+
+function namesText(names, count) {
+  const shown = names.map((name) => (name === chat.name ? "you" : name));
+  const others = count - shown.length;
+  if (others > 0) shown.push(others === 1 ? "1 other" : `${others} others`);
+  if (shown.length <= 1) return shown.join("");
+  return `${shown.slice(0, -1).join(", ")} and ${shown[shown.length - 1]}`;
+}
+
+function reactionChip(record, emoji, reaction) {
+  const chip = el("button", "reaction");
+  chip.type = "button";
+  chip.dataset.emoji = emoji;
+  chip.dataset.focus = `reaction-${emoji}`;
+  chip.setAttribute("aria-pressed", String(reaction.mine));
+  const who = namesText(reaction.mine && !reaction.names.includes(chat.name) ? [chat.name, ...reaction.names] : reaction.names, reaction.count);
+  chip.title = who;
+  chip.setAttribute("aria-label", `${emoji} ${reaction.count}: ${who}. ${reaction.mine ? "Remove your reaction" : "Add yours"}`);
+  if (record.busy.has(emoji)) chip.setAttribute("aria-busy", "true");
+  chip.append(el("span", "emoji", emoji), el("span", "n", String(reaction.count)));
+  return chip;
+}
+
+// Draws a message from its record, in its own <li> (kept, so that its place in the list and in the tab order
+// stay); focus inside it stays on the same control.
+function render(record) {
+  const li = record.el;
+  const own = isOwn(record);
+  const focused = li.contains(document.activeElement) ? document.activeElement.dataset.focus : undefined;
+  const date = new Date(record.ts);
+  li.replaceChildren();
+  if (record.deleted) {
+    li.className = own ? "msg own deleted" : "msg deleted";
+    const gone = el("p", "gone", "message deleted");
+    gone.title = `${own ? "Your" : `${record.name}'s`} message of ${fullFormat.format(date)}, deleted ${fullFormat.format(new Date(record.deleted))}`;
+    li.append(gone);
+    if (record.note) li.append(noteElement(record));
+    return;
+  }
+  const mentioned = !own && record.mentions.includes(chat.name);
+  li.className = `msg${own ? " own" : ""}${mentioned ? " mentions-me" : ""}${chat.editing?.id === record.id ? " being-edited" : ""}`;
+  const meta = el("div", "meta");
+  const who = el("span", "who", record.name);
+  // CSSOM, not a style attribute: allowed by the page's CSP.
+  who.style.setProperty("--hue", String(hue(record.name)));
+  if (own) who.append(el("span", "sr-only", " (you)"));
+  meta.append(who, " ", timeElement(date));
+  if (record.edited) {
+    const edited = el("time", "edited", "(edited)");
+    const at = new Date(record.edited);
+    if (!Number.isNaN(at.getTime())) {
+      edited.dateTime = at.toISOString();
+      edited.title = `Edited ${fullFormat.format(at)}`;
+    }
+    meta.append(" ", edited);
+  }
+  if (mentioned) meta.append(el("span", "sr-only", " (mentions you)"));
+  const more = el("button", "more", "⋯");
+  more.type = "button";
+  more.dataset.focus = "more";
+  more.setAttribute("aria-label", `Actions for ${own ? "your" : `${record.name}'s`} message`);
+  more.setAttribute("aria-haspopup", "dialog");
+  more.setAttribute("aria-expanded", String(menu.record === record));
+  li.append(meta, textWithMentions(record.text, record.mentions));
+  if (record.reactions.size) {
+    const row = el("div", "reactions");
+    row.setAttribute("role", "group");
+    row.setAttribute("aria-label", "Reactions");
+    for (const [emoji, reaction] of record.reactions) row.append(reactionChip(record, emoji, reaction));
+    li.append(row);
+  }
+  if (record.note) li.append(noteElement(record));
+  li.append(more);
+  if (focused) li.querySelector(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
+}
+
+function noteElement(record) {
+  const { text, kind, action } = record.note;
+  const note = el("p", `change-note${kind ? ` ${kind}` : ""}`, text);
+  note.setAttribute("role", "status");
+  if (action) {
+    const button = el("button", "quiet", action.label);
+    button.type = "button";
+    button.dataset.focus = "note-action";
+    button.addEventListener("click", action.run);
+    note.append(" ", button);
+  }
+  if (kind === "failed") {
+    const dismiss = el("button", "quiet", "Dismiss");
+    dismiss.type = "button";
+    dismiss.addEventListener("click", () => {
+      setRecordNote(record, null);
+      record.el.querySelector(".more")?.focus();
+    });
+    note.append(" ", dismiss);
+  }
+  return note;
+}
+
+function setRecordNote(record, note) {
+  record.note = note;
+  rerender(record);
+}
+
+// Redraws a shown message; the reader at the bottom stays there when it grows (a first reaction).
+function rerender(record) {
+  const follow = record.el.isConnected && nearBottom();
+  render(record);
+  if (follow) ui.log.scrollTop = ui.log.scrollHeight;
 }
 
 function systemElement(text, className = "system") {
@@ -208,16 +417,28 @@ function showPill(added) {
   ui.pill.hidden = false;
 }
 
-// Adds messages at the bottom; follows them only if the reader was already at the bottom (or sent one).
-function appendLive(messages, { own = false } = {}) {
-  const follow = nearBottom() || own;
+// Entries of the log in its order (a welcome's history, a live object): new messages go into a fragment, changes are
+// applied to the messages they change (those in the fragment too).
+function takeEntries(entries) {
   const fragment = document.createDocumentFragment();
   let added = 0;
-  for (const message of messages) {
-    if (!remember(message)) continue;
-    fragment.append(messageElement(message));
-    added += 1;
+  for (const entry of entries) {
+    if (!entry || typeof entry !== "object") continue;
+    if (entry.type === "message") {
+      if (!remember(entry)) continue;
+      fragment.append(messageElement(entry));
+      added += 1;
+    } else if (CHANGE_TYPES.has(entry.type)) {
+      onChange(entry);
+    }
   }
+  return { fragment, added };
+}
+
+// Adds messages at the bottom; follows them only if the reader was already at the bottom (or sent one).
+function appendLive(entries, { own = false } = {}) {
+  const follow = nearBottom() || own;
+  const { fragment, added } = takeEntries(entries);
   if (!added) return 0;
   ui.messages.append(fragment);
   if (ui.older.dataset.state === "start") setOlder("start"); // "No messages yet" is no longer true
@@ -234,15 +455,19 @@ function appendNote(node) {
 
 // Dedupe by id; tracks the newest (for `since`) and the oldest (for scroll-back) ids.
 function remember(message) {
-  if (typeof message.id !== "string" || chat.seen.has(message.id)) return false;
-  chat.seen.add(message.id);
-  if (chat.lastId === null || compareIds(message.id, chat.lastId) > 0) chat.lastId = message.id;
+  if (typeof message.id !== "string" || chat.shown.has(message.id)) return false;
+  noteLogId(message.id);
   if (chat.oldestId === null || compareIds(message.id, chat.oldestId) < 0) chat.oldestId = message.id;
   return true;
 }
 
-function announce(message) {
-  ui.announce.textContent = `${message.name}: ${message.text}`;
+// Changes are entries of the log too: resuming after the newest of anything is what the server asks.
+function noteLogId(id) {
+  if (typeof id === "string" && (chat.lastId === null || compareIds(id, chat.lastId) > 0)) chat.lastId = id;
+}
+
+function announce(message, mentioned = false) {
+  ui.announce.textContent = `${message.name}${mentioned ? " mentioned you" : ""}: ${message.text}`;
 }
 
 function setStatus(state, text) {
@@ -400,7 +625,7 @@ function setOlder(state) {
     idle: "",
     loading: "Loading older messages…",
     failed: "Older messages could not be loaded.",
-    start: chat.seen.size ? `This is the beginning of #${chat.room}.` : `No messages in #${chat.room} yet. Say hello!`,
+    start: chat.shown.size ? `This is the beginning of #${chat.room}.` : `No messages in #${chat.room} yet. Say hello!`,
   };
   ui.olderText.textContent = texts[state];
 }
@@ -432,8 +657,12 @@ function showFieldError(field, text) {
 }
 
 function resetConversation() {
+  closeMenu({ refocus: false });
+  stopEditing();
   ui.messages.replaceChildren();
-  chat.seen.clear();
+  chat.changes.clear();
+  chat.orphans = null;
+  chat.shown.clear();
   chat.lastId = null;
   chat.oldestId = null;
   chat.more = false;
@@ -459,6 +688,11 @@ function enterRoom(name, room) {
     // Private modes may refuse storage; the name is then asked again next time.
   }
   if (location.hash !== `#${room}`) history.replaceState(null, "", `#${room}`);
+  chat.unreadHidden = 0;
+  chat.mentionsHidden = 0;
+  chat.typedAt = -Infinity;
+  typingEnded();
+  clearTyping();
   document.title = `#${room} · Infinite Chat`;
   ui.roomTitle.textContent = `#${room}`;
   ui.roomTitle.hidden = false;
@@ -473,6 +707,8 @@ function enterRoom(name, room) {
 
 function leaveRoom() {
   leaveSocket();
+  typingEnded();
+  clearTyping();
   chat.generation += 1;
   for (const item of chat.pending.values()) item.el.remove();
   chat.pending.clear();
@@ -528,6 +764,9 @@ function connect() {
     chat.ws = null;
     chat.joined = false;
     requeueSent("Waiting for the connection…");
+    // Changes on their way get no answer on this socket: they go again after the next welcome.
+    for (const change of chat.changes.values()) change.state = "queued";
+    clearTyping();
     if (chat.welcomed && !chat.outage) {
       chat.outage = { since: Date.now(), note: systemElement("Connection lost. Reconnecting…", "system warn") };
       appendNote(chat.outage.note);
@@ -581,6 +820,14 @@ function dispatch(obj) {
     case "presence":
       onPresence(obj);
       break;
+    case "edit":
+    case "delete":
+    case "reaction":
+      onChange(obj);
+      break;
+    case "typing":
+      onTyping(obj);
+      break;
     case "error":
       onError(obj);
       break;
@@ -596,21 +843,24 @@ function onWelcome(welcome) {
   setReplica(String(welcome.replica));
   resetOnline(welcome.online, welcome.online_count);
   const history = Array.isArray(welcome.history) ? welcome.history : [];
-  // Messages that reached the server before the socket dropped are in the resumed history: not sent twice.
-  for (const message of history) {
-    if (message.ref && chat.pending.has(message.ref)) dropPending(message.ref);
+  clearTyping(); // the server sends who is typing within 2 s
+  // Messages (and changes) that reached the server before the socket dropped are in the resumed history: not sent
+  // twice. Changes that are not there are sent again: one stored after all gets `no_change`, which is success.
+  for (const entry of history) {
+    if (entry?.type === "message" && entry.ref && chat.pending.has(entry.ref)) dropPending(entry.ref);
   }
   if (chat.welcomed && !welcome.resumed) {
     // `since` was no longer in the room's log: what was shown has a gap after it, so start the view afresh.
+    const editing = chat.editing;
     resetConversation();
+    if (editing) ui.textError.textContent = "The conversation was reloaded; edit your message again if you still want to.";
   }
   if (!chat.welcomed) {
     chat.welcomed = true;
-    const fragment = document.createDocumentFragment();
-    for (const message of history) if (remember(message)) fragment.append(messageElement(message));
+    const { fragment } = takeEntries(history);
     ui.messages.append(fragment);
-    if (chat.seen.size) ui.messages.append(systemElement(`You joined · ${timeFormat.format(new Date())}`, "divider"));
-    chat.more = chat.seen.size > 0;
+    if (chat.shown.size) ui.messages.append(systemElement(`You joined · ${timeFormat.format(new Date())}`, "divider"));
+    chat.more = chat.shown.size > 0;
     setOlder(chat.more ? "idle" : "start");
     scrollToBottom();
     maybeLoadOlder();
@@ -631,13 +881,19 @@ function onMessage(message) {
   const own = Boolean(message.ref && chat.pending.has(message.ref));
   if (own) {
     dropPending(message.ref);
+    // Our echo's time is the server's clock (Redis's): the edit window is measured on it.
+    const ts = Date.parse(message.ts);
+    if (!Number.isNaN(ts)) chat.clockSkew = ts - Date.now();
     flush();
   }
+  stoppedTyping(String(message.name));
   if (appendLive([message], { own }) && !own) {
-    announce(message);
+    const mentioned = message.name !== chat.name && strings(message.mentions).includes(chat.name);
+    announce(message, mentioned);
     if (document.hidden) {
       chat.unreadHidden += 1;
-      document.title = `(${chat.unreadHidden}) #${chat.room} · Infinite Chat`;
+      if (mentioned) chat.mentionsHidden += 1;
+      updateTitle();
     }
   }
 }
@@ -646,6 +902,11 @@ function onError(error) {
   const item = error.ref ? chat.pending.get(error.ref) : undefined;
   if (item) {
     pendingError(item, error);
+    return;
+  }
+  const change = error.ref ? chat.changes.get(error.ref) : undefined;
+  if (change) {
+    changeError(change, error);
     return;
   }
   switch (error.code) {
@@ -666,6 +927,522 @@ function onError(error) {
     default:
       console.warn("infinite-chat: error from the server", error);
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Changes to messages: edits, deletions and reactions, ours and everyone's. Each arrives as an entry of the log after
+// its message, live or in a resumed history, and carries the state it leaves: applying one twice changes nothing.
+
+const CHANGE_TYPES = new Set(["edit", "delete", "reaction"]);
+const CHANGE_VERB = { edit: "Edit not saved", delete: "Not deleted", react: "Reaction not saved" };
+const CHANGE_PROBLEMS = {
+  invalid_id: "the server did not take this message's id.",
+  invalid_reaction: "that reaction is not one of the 12 the chat has.",
+  unknown_message: "the server no longer keeps this message, so it cannot be changed.",
+  not_yours: "only the person who sent a message can edit or delete it.",
+  edit_window_closed: "too late to edit: a message can be edited for 15 minutes after it is sent.",
+  message_deleted: "this message was deleted.",
+  too_many_reactions: "this message has as many reactions as it can hold.",
+};
+
+function onChange(change) {
+  if (change.room !== undefined && change.room !== chat.room) return;
+  noteLogId(change.id);
+  const ours = typeof change.ref === "string" ? chat.changes.get(change.ref) : undefined;
+  if (ours && change.name === chat.name) chat.changes.delete(change.ref);
+  const record = chat.shown.get(change.target);
+  if (!record) {
+    // A message older than what is shown; a scroll-back page on its way may bring it (as it was when read).
+    if (chat.orphans) chat.orphans.push(change);
+    return;
+  }
+  if (ours) {
+    record.busy.delete(ours.frame.emoji);
+    // Our change went through: its "Saving…" goes, and an edit or deletion ends an earlier failure's note.
+    if (record.note?.kind === "wait" || ours.kind !== "react") record.note = null;
+  }
+  applyChange(record, change);
+  rerender(record);
+}
+
+function applyChange(record, change) {
+  switch (change.type) {
+    case "edit":
+      // A resumed history shows a message as it now is, then the edits made meanwhile: an older one is not undone.
+      if (record.deleted || typeof change.text !== "string" || (record.edited && change.ts < record.edited)) return;
+      record.text = change.text;
+      record.mentions = strings(change.mentions);
+      record.edited = String(change.ts);
+      break;
+    case "delete":
+      markDeleted(record, String(change.ts));
+      break;
+    case "reaction":
+      if (!record.deleted) setReaction(record, change.emoji, String(change.name), change.on !== false, change.count);
+      break;
+    default:
+  }
+}
+
+function markDeleted(record, ts) {
+  record.deleted = record.deleted || ts;
+  record.text = "";
+  record.mentions = [];
+  record.reactions.clear();
+  record.busy.clear();
+  if (menu.record === record) closeMenu();
+  if (chat.editing?.id === record.id) {
+    stopEditing();
+    ui.textError.textContent = "The message you were editing was deleted.";
+  }
+}
+
+// `count` is absolute (how many names have it now); the names are a set.
+function setReaction(record, emoji, name, on, count) {
+  if (typeof emoji !== "string") return;
+  let reaction = record.reactions.get(emoji);
+  if (!reaction) {
+    if (!on) return;
+    reaction = { count: 0, names: [], mine: false };
+    record.reactions.set(emoji, reaction);
+  }
+  const at = reaction.names.indexOf(name);
+  if (on && at < 0 && reaction.names.length < REACTION_NAMES_KEEP) reaction.names.push(name);
+  if (!on && at >= 0) reaction.names.splice(at, 1);
+  if (name === chat.name) reaction.mine = on;
+  reaction.count = Number.isInteger(count) ? count : Math.max(reaction.names.length, reaction.count + (on ? 1 : -1));
+  if (reaction.count <= 0) record.reactions.delete(emoji);
+}
+
+function sendChange(record, frame) {
+  refCounter += 1;
+  const ref = `${clientId}-${refCounter}`;
+  const change = { ref, kind: frame.type, record, frame: { ...frame, id: record.id, ref }, state: "queued", tries: 0 };
+  chat.changes.set(ref, change);
+  if (frame.type === "react") record.busy.add(frame.emoji);
+  else record.note = { text: frame.type === "edit" ? "Saving…" : "Deleting…", kind: "wait" };
+  rerender(record);
+  flush();
+  return change;
+}
+
+// Changes go before messages (a click should not wait behind a long queue); both share the rate limit's pauses.
+function flushChanges(ws) {
+  for (const change of chat.changes.values()) {
+    if (change.state !== "queued") continue;
+    ws.send(JSON.stringify(change.frame));
+    change.state = "sent";
+  }
+}
+
+function changeDone(change) {
+  chat.changes.delete(change.ref);
+  change.record.busy.delete(change.frame.emoji);
+}
+
+function changeError(change, error) {
+  const { record, frame } = change;
+  switch (error.code) {
+    case "no_change":
+      // The message is as asked already (a change sent again after a reconnect, or a reaction past the 10 names a
+      // message object lists): done.
+      changeDone(change);
+      record.note = null;
+      if (frame.type === "react") {
+        const reaction = record.reactions.get(frame.emoji);
+        if (frame.on && !reaction) setReaction(record, frame.emoji, chat.name, true, 1);
+        else if (reaction) {
+          reaction.mine = frame.on;
+          const at = reaction.names.indexOf(chat.name);
+          if (frame.on && at < 0) reaction.names.unshift(chat.name);
+          if (!frame.on && at >= 0) reaction.names.splice(at, 1);
+        }
+      } else if (frame.type === "edit") {
+        record.text = frame.text;
+      } else {
+        markDeleted(record, new Date(serverNow()).toISOString());
+      }
+      break;
+    case "rate_limited": {
+      const ms = Number(error.retry_after_ms) > 0 ? Number(error.retry_after_ms) : 1000;
+      change.state = "queued";
+      if (frame.type !== "react") record.note = { text: `Slow down: trying again in ${Math.max(1, Math.ceil(ms / 1000))} s…`, kind: "wait" };
+      pause(ms);
+      break;
+    }
+    case "unavailable":
+    case "not_joined":
+      change.state = "queued";
+      change.tries += 1;
+      if (frame.type !== "react") record.note = { text: "Not saved yet, retrying…", kind: "wait" };
+      pause(Math.min(BACKOFF_CAP_MS, BACKOFF_FIRST_MS * 2 ** change.tries));
+      break;
+    case "message_deleted":
+      changeDone(change);
+      record.note = null;
+      markDeleted(record, new Date(serverNow()).toISOString());
+      break;
+    default: {
+      changeDone(change);
+      let reason = CHANGE_PROBLEMS[error.code];
+      if (error.code === "quota_exceeded" || error.code === "too_many_rooms") {
+        const minutes = Math.max(1, Math.ceil(Number(error.retry_after_ms || 0) / 60000));
+        reason = `${error.detail || "too much sent from your address."} (about ${minutes} min)`;
+      } else if (!reason) {
+        reason = error.detail || error.code;
+      }
+      let action;
+      if (error.code === "edit_window_closed") {
+        record.editClosed = true;
+        action = { label: "Send as a new message", run: () => useAsDraft(frame.text) };
+      } else if (frame.type === "edit" && (error.code === "too_long" || error.code === "invalid_text")) {
+        action = { label: "Edit again", run: () => startEditing(record, frame.text) };
+      }
+      record.note = { text: `${CHANGE_VERB[frame.type]}: ${reason}`, kind: "failed", action };
+    }
+  }
+  rerender(record);
+}
+
+function useAsDraft(text) {
+  stopEditing();
+  ui.text.value = text;
+  updateCounter();
+  ui.text.focus();
+}
+
+function toggleReaction(record, emoji) {
+  if (record.deleted || record.busy.has(emoji)) return;
+  const mine = Boolean(record.reactions.get(emoji)?.mine);
+  sendChange(record, { type: "react", emoji, on: !mine });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Editing, in the composer: a clear "Editing" bar, Enter saves, Escape cancels; what was typed before comes back.
+
+function startEditing(record, text = record.text) {
+  closeMenu();
+  if (!canEdit(record)) {
+    ui.textError.textContent = record.deleted
+      ? "That message was deleted."
+      : "Too late to edit: a message can be edited for 15 minutes after it is sent.";
+    return false;
+  }
+  const before = chat.editing && chat.shown.get(chat.editing.id);
+  chat.editing = { id: record.id, draft: chat.editing ? chat.editing.draft : ui.text.value };
+  if (before) render(before);
+  ui.sendForm.classList.add("editing");
+  ui.editing.hidden = false;
+  ui.send.textContent = "Save";
+  ui.text.setAttribute("aria-describedby", "editing-text composer-help counter text-error");
+  ui.text.value = text;
+  ui.textError.textContent = "";
+  updateCounter();
+  render(record);
+  ui.text.focus();
+  ui.text.setSelectionRange(ui.text.value.length, ui.text.value.length);
+  record.el.scrollIntoView({ block: "nearest" });
+  return true;
+}
+
+function stopEditing() {
+  if (!chat.editing) return;
+  const record = chat.shown.get(chat.editing.id);
+  ui.text.value = chat.editing.draft;
+  chat.editing = null;
+  ui.sendForm.classList.remove("editing");
+  ui.editing.hidden = true;
+  ui.send.textContent = "Send";
+  ui.text.setAttribute("aria-describedby", "composer-help counter text-error");
+  updateCounter();
+  if (record) render(record);
+}
+
+function saveEdit() {
+  const record = chat.shown.get(chat.editing.id);
+  const text = strip(ui.text.value);
+  if (!record || record.deleted) {
+    stopEditing();
+    return;
+  }
+  if (!text) {
+    ui.textError.textContent = "A message needs some text. To remove it, choose Delete in its menu.";
+    return;
+  }
+  const problem = textProblem(text);
+  ui.textError.textContent = problem || "";
+  if (problem) return;
+  stopEditing();
+  if (text !== record.text) sendChange(record, { type: "edit", text });
+  ui.text.focus();
+}
+
+function lastOwnRecord() {
+  for (let node = ui.messages.lastElementChild; node; node = node.previousElementSibling) {
+    const record = node.dataset.id && chat.shown.get(node.dataset.id);
+    if (record && isOwn(record) && !record.deleted) return record;
+  }
+  return null;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The message menu: reactions, Edit, Delete (asked twice). From the "⋯" button (hover, focus, always on touch
+// screens), a right click, or a long press.
+
+const menu = { record: null, opener: null, confirming: false };
+
+for (const emoji of REACTIONS) {
+  const button = el("button", "pick", emoji);
+  button.type = "button";
+  button.dataset.emoji = emoji;
+  button.setAttribute("aria-label", `React with ${emoji}`);
+  ui.menuReactions.append(button);
+}
+
+function openMenu(record, opener) {
+  if (record.deleted) return;
+  if (menu.record && menu.record !== record) closeMenu({ refocus: false });
+  menu.record = record;
+  menu.opener = opener || record.el.querySelector(".more");
+  menu.confirming = false;
+  const own = isOwn(record);
+  ui.menuEdit.hidden = !canEdit(record);
+  ui.menuDelete.hidden = !own;
+  ui.menuDelete.textContent = "Delete";
+  ui.menuKeep.hidden = true;
+  ui.menuNote.textContent = own && ui.menuEdit.hidden ? "Editing is over: a message can be edited for 15 minutes." : "";
+  ui.menuNote.hidden = !ui.menuNote.textContent;
+  for (const button of ui.menuReactions.children) {
+    button.setAttribute("aria-pressed", String(Boolean(record.reactions.get(button.dataset.emoji)?.mine)));
+  }
+  ui.menu.setAttribute("aria-label", `Actions for ${own ? "your" : `${record.name}'s`} message`);
+  ui.menu.hidden = false;
+  placeMenu();
+  record.el.querySelector(".more")?.setAttribute("aria-expanded", "true");
+  record.el.classList.add("menu-open");
+  ui.menuReactions.firstElementChild.focus();
+}
+
+function placeMenu() {
+  const phone = matchMedia("(max-width: 40rem)").matches;
+  ui.menu.classList.toggle("sheet", phone);
+  if (phone) {
+    ui.menu.style.removeProperty("left");
+    ui.menu.style.removeProperty("top");
+    return;
+  }
+  const anchor = (menu.opener?.isConnected ? menu.opener : menu.record.el).getBoundingClientRect();
+  const box = ui.menu.getBoundingClientRect();
+  const left = Math.min(Math.max(8, anchor.right - box.width), innerWidth - box.width - 8);
+  const below = anchor.bottom + 4;
+  const top = below + box.height < innerHeight - 8 ? below : Math.max(8, anchor.top - box.height - 4);
+  ui.menu.style.setProperty("left", `${left}px`);
+  ui.menu.style.setProperty("top", `${top}px`);
+}
+
+function closeMenu({ refocus = true } = {}) {
+  const record = menu.record;
+  if (!record) return;
+  menu.record = null;
+  ui.menu.hidden = true;
+  record.el.querySelector(".more")?.setAttribute("aria-expanded", "false");
+  record.el.classList.remove("menu-open");
+  if (refocus) (record.el.querySelector(".more") || ui.text).focus();
+}
+
+ui.menu.addEventListener("click", (event) => {
+  const record = menu.record;
+  const button = event.target.closest("button");
+  if (!record || !button) return;
+  if (button.dataset.emoji) {
+    closeMenu();
+    toggleReaction(record, button.dataset.emoji);
+  } else if (button === ui.menuEdit) {
+    startEditing(record);
+  } else if (button === ui.menuDelete && !menu.confirming) {
+    menu.confirming = true;
+    ui.menuNote.textContent = "Delete this message for everyone?";
+    ui.menuNote.hidden = false;
+    ui.menuDelete.textContent = "Yes, delete";
+    ui.menuKeep.hidden = false;
+    ui.menuEdit.hidden = true;
+    ui.menuDelete.focus();
+  } else if (button === ui.menuDelete) {
+    closeMenu();
+    if (chat.editing?.id === record.id) stopEditing();
+    sendChange(record, { type: "delete" });
+  } else if (button === ui.menuKeep) {
+    closeMenu();
+  }
+});
+
+ui.menu.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") {
+    event.preventDefault();
+    closeMenu();
+    return;
+  }
+  // Arrow keys move through the menu's buttons, as well as Tab does.
+  const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[event.key];
+  if (!step) return;
+  const buttons = [...ui.menu.querySelectorAll("button")].filter((button) => !button.hidden);
+  const at = buttons.indexOf(document.activeElement);
+  event.preventDefault();
+  buttons[(at + step + buttons.length) % buttons.length].focus();
+});
+
+ui.menu.addEventListener("focusout", (event) => {
+  if (menu.record && !ui.menu.contains(event.relatedTarget) && event.relatedTarget) closeMenu({ refocus: false });
+});
+
+document.addEventListener("pointerdown", (event) => {
+  if (menu.record && !ui.menu.contains(event.target) && !event.target.closest?.(".more")) closeMenu({ refocus: false });
+});
+
+function recordAt(target) {
+  const li = target.closest?.("#messages > li.msg");
+  return li ? chat.shown.get(li.dataset.id) : undefined;
+}
+
+ui.messages.addEventListener("click", (event) => {
+  const record = recordAt(event.target);
+  if (!record) return;
+  const more = event.target.closest(".more");
+  const chip = event.target.closest(".reaction");
+  if (more) {
+    if (menu.record === record) closeMenu();
+    else openMenu(record, more);
+  } else if (chip) {
+    toggleReaction(record, chip.dataset.emoji);
+  }
+});
+
+// A long press (touch) or a right click (mouse) opens the menu of the message under it.
+let press = null;
+ui.messages.addEventListener("pointerdown", (event) => {
+  if (event.pointerType === "mouse" || event.target.closest("button")) return;
+  const record = recordAt(event.target);
+  if (!record) return;
+  press = { x: event.clientX, y: event.clientY, timer: setTimeout(() => {
+    press = null;
+    openMenu(record);
+  }, LONG_PRESS_MS) };
+});
+for (const type of ["pointerup", "pointercancel"]) {
+  ui.messages.addEventListener(type, () => {
+    if (press) clearTimeout(press.timer);
+    press = null;
+  });
+}
+ui.messages.addEventListener("pointermove", (event) => {
+  if (press && Math.hypot(event.clientX - press.x, event.clientY - press.y) > 10) {
+    clearTimeout(press.timer);
+    press = null;
+  }
+});
+ui.messages.addEventListener("contextmenu", (event) => {
+  const record = recordAt(event.target);
+  if (!record || record.deleted) return;
+  event.preventDefault();
+  if (press) clearTimeout(press.timer);
+  press = null;
+  openMenu(record);
+});
+addEventListener("resize", () => {
+  if (menu.record) placeMenu();
+});
+ui.log.addEventListener("scroll", () => {
+  if (menu.record) placeMenu();
+}, { passive: true });
+
+// ---------------------------------------------------------------------------------------------------------------
+// Typing: ours goes out at most every 3 s while the composer has text; everyone else's shows under the conversation.
+
+function noteTyping() {
+  clearTimeout(chat.typingTimer);
+  chat.typingTimer = 0;
+  if (chat.editing || !strip(ui.text.value)) return;
+  const ws = chat.ws;
+  if (!ws || !chat.joined || ws.readyState !== WebSocket.OPEN) return;
+  const wait = chat.typedAt + TYPING_EVERY_MS - Date.now();
+  if (wait > 0) {
+    // Typed again within the 3 s: tell the room when they are up (unless the message is sent first).
+    chat.typingTimer = setTimeout(noteTyping, wait);
+    return;
+  }
+  chat.typedAt = Date.now();
+  ws.send('{"type":"typing"}');
+}
+
+function typingEnded() {
+  clearTimeout(chat.typingTimer);
+  chat.typingTimer = 0;
+}
+
+function onTyping(obj) {
+  if (obj.room !== undefined && obj.room !== chat.room) return;
+  typing.names = strings(obj.names);
+  typing.count = Number.isInteger(obj.count) ? obj.count : typing.names.length;
+  clearTimeout(typing.staleTimer);
+  typing.staleTimer = typing.count > 0 ? setTimeout(() => setTyping([], 0), TYPING_STALE_MS) : 0;
+  showTyping();
+}
+
+function setTyping(names, count) {
+  clearTimeout(typing.staleTimer);
+  typing.staleTimer = 0;
+  typing.names = names;
+  typing.count = count;
+  showTyping();
+}
+
+// A message from a typist ends their typing at once, before the server says so.
+function stoppedTyping(name) {
+  const at = typing.names.indexOf(name);
+  typing.announced.delete(name);
+  if (at < 0) return;
+  typing.names.splice(at, 1);
+  typing.count = Math.max(typing.names.length, typing.count - 1);
+  showTyping();
+}
+
+function typingText(names, count) {
+  if (count <= 0) return "";
+  if (!names.length) return count === 1 ? "Someone is typing…" : `${count} people are typing…`;
+  if (count === 1) return `${names[0]} is typing…`;
+  if (count === 2 && names.length >= 2) return `${names[0]} and ${names[1]} are typing…`;
+  return `${names[0]} and ${count - 1 === 1 ? "1 other" : `${count - 1} others`} are typing…`;
+}
+
+function showTyping() {
+  const others = typing.names.filter((name) => name !== chat.name);
+  const count = Math.max(others.length, typing.count - (typing.names.includes(chat.name) ? 1 : 0));
+  ui.typing.textContent = typingText(others, count);
+  // Screen readers hear each person once per burst of typing; a burst ends when they are off a complete list.
+  if (count <= others.length) {
+    for (const name of typing.announced) if (!others.includes(name)) typing.announced.delete(name);
+  }
+  const fresh = others.filter((name) => !typing.announced.has(name));
+  if (fresh.length) {
+    for (const name of fresh) typing.announced.add(name);
+    ui.typingAnnounce.textContent = typingText(fresh, fresh.length);
+  }
+}
+
+function clearTyping() {
+  setTyping([], 0);
+  typing.announced.clear();
+  ui.typingAnnounce.textContent = "";
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The tab's title counts what came while it was hidden: "(3) #lobby", "(3 · @1) #lobby" with mentions of us.
+
+function updateTitle() {
+  if (!chat.room || ui.chatView.hidden) return;
+  const mentions = chat.mentionsHidden ? ` · @${chat.mentionsHidden}` : "";
+  const unread = chat.unreadHidden ? `(${chat.unreadHidden}${mentions}) ` : "";
+  document.title = `${unread}#${chat.room} · Infinite Chat`;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -699,6 +1476,7 @@ function flush() {
     chat.flushTimer = setTimeout(flush, wait);
     return;
   }
+  flushChanges(ws);
   const items = [...chat.pending.values()];
   if (!items.some((item) => item.state === "queued" || item.state === "sent")) chat.oneAtATime = false;
   let inFlight = items.filter((item) => item.state === "sent").length;
@@ -843,12 +1621,24 @@ async function loadOlder() {
   const generation = chat.generation;
   chat.loadingOlder = true;
   setOlder("loading");
+  // A page shows its messages as they were when it was read; changes to them that arrive while it is on its way
+  // may be newer than that, so they are kept and applied to it (applying one it shows already changes nothing).
+  chat.orphans = [];
   try {
     const page = await fetchOlder(chat.room, chat.oldestId);
     if (generation !== chat.generation) return;
     const messages = Array.isArray(page.messages) ? page.messages : [];
     const fragment = document.createDocumentFragment();
-    for (const message of messages) if (remember(message)) fragment.append(messageElement(message));
+    for (const message of messages) if (message?.type === "message" && remember(message)) fragment.append(messageElement(message));
+    const orphans = chat.orphans;
+    chat.orphans = null;
+    for (const change of orphans) {
+      const record = chat.shown.get(change.target);
+      if (record) {
+        applyChange(record, change);
+        render(record);
+      }
+    }
     // Keep what the reader is looking at in place while content grows above it.
     const log = ui.log;
     const height = log.scrollHeight;
@@ -863,6 +1653,7 @@ async function loadOlder() {
     setOlder("failed");
   } finally {
     if (generation === chat.generation) {
+      chat.orphans = null;
       chat.loadingOlder = false;
       // Still at the top (a tall screen, or a short page): keep going.
       if (ui.older.dataset.state === "idle") requestAnimationFrame(maybeLoadOlder);
@@ -906,11 +1697,16 @@ for (const [input, field] of [[ui.name, "name"], [ui.room, "room"]]) {
 
 ui.sendForm.addEventListener("submit", (event) => {
   event.preventDefault();
+  if (chat.editing) {
+    saveEdit();
+    return;
+  }
   const text = strip(ui.text.value);
   if (!text) return;
   const problem = textProblem(text);
   ui.textError.textContent = problem || "";
   if (problem) return;
+  typingEnded(); // the message ends our typing; nothing more is said about it
   send(text);
   ui.text.value = "";
   updateCounter();
@@ -920,9 +1716,27 @@ ui.text.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey) {
     event.preventDefault();
     ui.sendForm.requestSubmit();
+  } else if (event.key === "Escape" && chat.editing) {
+    event.preventDefault();
+    stopEditing();
+  } else if (event.key === "ArrowUp" && !ui.text.value && !chat.editing && !event.isComposing
+             && !event.shiftKey && !event.altKey && !event.ctrlKey && !event.metaKey) {
+    // Up in an empty box edits one's last message, as in most chats.
+    const record = lastOwnRecord();
+    if (record) {
+      event.preventDefault();
+      startEditing(record);
+    }
   }
 });
-ui.text.addEventListener("input", updateCounter);
+ui.text.addEventListener("input", () => {
+  updateCounter();
+  noteTyping();
+});
+ui.editCancel.addEventListener("click", () => {
+  stopEditing();
+  ui.text.focus();
+});
 
 ui.log.addEventListener("scroll", () => {
   chat.atBottom = nearBottom();
@@ -958,7 +1772,8 @@ window.addEventListener("online", reconnectNow);
 document.addEventListener("visibilitychange", () => {
   if (!document.hidden && chat.room && !ui.chatView.hidden) {
     chat.unreadHidden = 0;
-    document.title = `#${chat.room} · Infinite Chat`;
+    chat.mentionsHidden = 0;
+    updateTitle();
   }
 });
 
