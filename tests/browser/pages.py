@@ -1,0 +1,201 @@
+"""What the browser tests share: one person's page (ChatPage: what they see, what they do with keyboard, mouse and
+touch), navigation that survives Docker's network changes, a TCP relay that can keep a page away (Gate), and seeding a
+room's history through the protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from playwright.async_api import Browser, ConsoleMessage, Dialog, Locator, Page, ViewportSize, WebSocketRoute, expect
+from playwright.async_api import Error as PlaywrightError
+
+from support.addresses import forwarded
+from support.chat import ChatClient
+from support.stack import Stack
+
+DESKTOP: ViewportSize = {"width": 1100, "height": 720}
+PHONE: ViewportSize = {"width": 390, "height": 760}
+XSS = "<img src=x onerror=alert(1)>"
+# Chromium aborts loads in flight when the host's network interfaces change, which Docker does whenever a stack
+# (anyone's, on this shared machine) starts or stops. The page retries its own requests; navigations are retried here.
+NETWORK_CHANGED = "net::ERR_NETWORK_CHANGED"
+
+
+async def navigate(page: Page, url: str | None = None) -> None:
+    """Loads `url` (or reloads), once more if the host's network changed under the load."""
+    for attempt in range(3):
+        try:
+            await (page.goto(url) if url is not None else page.reload())
+            return
+        except PlaywrightError as error:
+            if NETWORK_CHANGED not in str(error) or attempt == 2:
+                raise
+
+
+@dataclass
+class ChatPage:
+    """One person's page: what they see, and what they do with keyboard and mouse."""
+
+    page: Page
+    name: str
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @classmethod
+    async def open(
+        cls,
+        browser: Browser,
+        stack: Stack,
+        *,
+        name: str,
+        room: str,
+        viewport: ViewportSize = DESKTOP,
+        base_url: str | None = None,
+        socket_route: Callable[[WebSocketRoute], None] | None = None,
+    ) -> ChatPage:
+        # Each person of the test from an address of their own, as in life (support/addresses.py).
+        context = await browser.new_context(
+            viewport=viewport, base_url=base_url or stack.base_url, extra_http_headers=forwarded()
+        )
+        chat = cls(await context.new_page(), name)
+
+        async def on_dialog(dialog: Dialog) -> None:
+            chat.dialogs.append(dialog.message)
+            await dialog.dismiss()
+
+        def on_console(message: ConsoleMessage) -> None:
+            # Chromium logs each failed socket attempt while the network is down (the page retries), and loads cut
+            # by a network change (the page retries those too); anything else the page logs is a finding.
+            if message.type == "error" and not any(noise in message.text for noise in ("WebSocket", NETWORK_CHANGED)):
+                chat.errors.append(message.text)
+
+        chat.page.on("dialog", on_dialog)
+        chat.page.on("pageerror", lambda error: chat.errors.append(str(error)))
+        chat.page.on("console", on_console)
+        if socket_route is not None:
+            await chat.page.route_web_socket("**/ws", socket_route)
+        await navigate(chat.page, f"/#{room}")
+        await expect(chat.page.get_by_label("Room", exact=True)).to_have_value(room)
+        await chat.page.get_by_label("Your name", exact=True).fill(name)
+        await chat.page.get_by_role("button", name="Join").click()
+        await chat.wait_online()
+        return chat
+
+    @property
+    def status(self) -> Locator:
+        return self.page.locator("#status")
+
+    @property
+    def texts(self) -> Locator:
+        return self.page.locator("#messages .msg .text")
+
+    @property
+    def pending(self) -> Locator:
+        return self.page.locator("#pending .msg")
+
+    def message(self, text: str) -> Locator:
+        """Shown messages (not pending ones) whose text is exactly `text`."""
+        return self.page.locator("#messages .msg").filter(
+            has=self.page.locator(".text").filter(has_text=re.compile(f"^{re.escape(text)}$"))
+        )
+
+    async def wait_online(self) -> None:
+        await expect(self.status).to_have_attribute("data-state", "online")
+        await expect(self.status).to_have_text("Connected")
+
+    async def replica(self) -> str:
+        await expect(self.page.locator("#replica")).to_be_visible()
+        replica = await self.page.locator("#replica").get_attribute("data-replica")
+        assert replica
+        return replica
+
+    async def say(self, text: str) -> None:
+        box = self.page.get_by_label("Message", exact=True)
+        await box.fill(text)
+        await box.press("Enter")
+        await expect(box).to_have_value("")
+
+    async def move_off(self, replica: str, attempts: int = 10) -> None:
+        """Reloads (the page joins again by itself) until nginx puts this page on another replica."""
+        for _ in range(attempts):
+            if await self.replica() != replica:
+                return
+            await navigate(self.page)
+            await self.wait_online()
+        raise AssertionError(f"{self.name}'s page stayed on replica {replica} after {attempts} reloads")
+
+    async def scroll_to_top(self) -> None:
+        await self.page.locator("#log").evaluate("log => { log.scrollTop = 0; }")
+
+    def assert_clean(self) -> None:
+        assert self.dialogs == [], f"{self.name}'s page opened dialogs: {self.dialogs}"
+        assert self.errors == [], f"{self.name}'s page had errors: {self.errors}"
+
+
+class Gate:
+    """A TCP relay in front of nginx for one page: it passes everything through, and while shut it refuses new
+    connections (a network that is down), so a page stays away exactly as long as a test needs. Connections
+    already open are left alone."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.shut = False
+        self.server: asyncio.Server | None = None
+        self.pipes: set[asyncio.Task[None]] = set()
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> Gate:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for pipe in self.pipes:
+            pipe.cancel()
+        await asyncio.gather(*self.pipes, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.shut:
+            writer.close()
+            return
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self.pipes.add(task)
+            task.add_done_callback(self.pipes.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except ConnectionError:
+            pass
+        finally:
+            sink.close()
+
+
+async def seed(stack: Stack, room: str, texts: list[str]) -> None:
+    """Puts `texts` in the room's history, in order. The rate limit allows a burst of 10 per connection: one
+    connection per ten messages."""
+    for start in range(0, len(texts), 10):
+        client = await ChatClient.open(stack.ws_url)
+        try:
+            await client.join(f"seeder-{start // 10 + 1}", room)
+            for i, text in enumerate(texts[start : start + 10]):
+                # A ref of its own: a second seed of the same room would otherwise repeat a seeder's name and ref,
+                # which the server takes for a retry of the first (stored once).
+                reply = await client.say_and_wait(text, ref=f"seed-{start + i}-{secrets.token_hex(4)}")
+                assert reply["type"] == "message", reply
+        finally:
+            await client.close()
