@@ -128,6 +128,66 @@ class ChatPage:
             await self.wait_online()
         raise AssertionError(f"{self.name}'s page stayed on replica {replica} after {attempts} reloads")
 
+    @property
+    def typing(self) -> Locator:
+        """The "… is typing" line under the conversation."""
+        return self.page.locator("#typing")
+
+    @property
+    def box(self) -> Locator:
+        return self.page.get_by_label("Message", exact=True)
+
+    @property
+    def menu(self) -> Locator:
+        return self.page.locator("#menu")
+
+    def reaction(self, text: str, emoji: str) -> Locator:
+        """The reaction chip `emoji` under the message `text`."""
+        return self.message(text).locator(f'.reaction[data-emoji="{emoji}"]')
+
+    async def open_menu(self, text: str) -> None:
+        """Opens the message's menu as a mouse user does: hover, then its "⋯" button."""
+        message = self.message(text)
+        await message.hover()
+        await message.locator(".more").click()
+        await expect(self.menu).to_be_visible()
+
+    async def react(self, text: str, emoji: str) -> None:
+        await self.open_menu(text)
+        await self.menu.get_by_role("button", name=f"React with {emoji}").click()
+        await expect(self.menu).to_be_hidden()
+
+    async def edit(self, text: str, new_text: str) -> None:
+        await self.open_menu(text)
+        await self.page.locator("#menu-edit").click()
+        await expect(self.page.locator("#editing")).to_be_visible()
+        await expect(self.box).to_have_value(text)
+        await self.box.fill(new_text)
+        await self.box.press("Enter")
+        await expect(self.page.locator("#editing")).to_be_hidden()
+
+    async def delete(self, text: str) -> None:
+        await self.open_menu(text)
+        delete = self.page.locator("#menu-delete")
+        await delete.click()
+        await expect(delete).to_have_text("Yes, delete")
+        await delete.click()
+        await expect(self.menu).to_be_hidden()
+
+    async def set_hidden(self, hidden: bool) -> None:
+        """The tab goes to the background (or comes back), as far as the page can tell: headless Chromium keeps every
+        page visible (bring_to_front of another page changes nothing), so document.hidden and visibilityState are
+        overridden and visibilitychange is dispatched, as the browser does."""
+        await self.page.evaluate(
+            """hidden => {
+                Object.defineProperty(document, "hidden", { configurable: true, get: () => hidden });
+                const state = hidden ? "hidden" : "visible";
+                Object.defineProperty(document, "visibilityState", { configurable: true, get: () => state });
+                document.dispatchEvent(new Event("visibilitychange"));
+            }""",
+            hidden,
+        )
+
     async def scroll_to_top(self) -> None:
         await self.page.locator("#log").evaluate("log => { log.scrollTop = 0; }")
 
@@ -146,6 +206,7 @@ class Gate:
         self.shut = False
         self.server: asyncio.Server | None = None
         self.pipes: set[asyncio.Task[None]] = set()
+        self.writers: set[asyncio.StreamWriter] = set()
 
     @property
     def base_url(self) -> str:
@@ -163,18 +224,24 @@ class Gate:
             pipe.cancel()
         await asyncio.gather(*self.pipes, return_exceptions=True)
 
+    def cut(self) -> None:
+        """Drops every connection through the relay, without a close frame: a network that went away."""
+        for writer in self.writers:
+            writer.close()
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.shut:
             writer.close()
             return
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        for one in (writer, upstream_writer):
+            self.writers.add(one)
         for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
             task = asyncio.create_task(self._pipe(source, sink))
             self.pipes.add(task)
             task.add_done_callback(self.pipes.discard)
 
-    @staticmethod
-    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         try:
             while data := await source.read(65536):
                 sink.write(data)
@@ -183,6 +250,7 @@ class Gate:
             pass
         finally:
             sink.close()
+            self.writers.discard(sink)
 
 
 async def seed(stack: Stack, room: str, texts: list[str]) -> None:

@@ -61,17 +61,28 @@ async def test_two_people_on_different_replicas_chat_and_see_each_other(
 
     await alice.say("Hi Bob! Which replica are you on?")
     await expect(bob.message("Hi Bob! Which replica are you on?")).to_have_count(1)
-    await bob.say("The other one. Shift+Enter for a new line,\nEnter to send.")
-    await expect(alice.message("The other one. Shift+Enter for a new line,\nEnter to send.")).to_have_count(1)
-    await alice.say("Scroll up and older messages keep coming: that's the infinite part.")
-    await expect(bob.message("Scroll up and older messages keep coming: that's the infinite part.")).to_have_count(1)
+    await bob.say("@alice The other one. Shift+Enter for a new line,\nEnter to send.")
+    await expect(alice.message("@alice The other one. Shift+Enter for a new line,\nEnter to send.")).to_have_count(1)
+    await alice.say("Scroll up and older messages keep coming.")
+    await expect(bob.message("Scroll up and older messages keep coming.")).to_have_count(1)
+    # The conversation's changes (docs/web-client.md, "Conversation"), which the screenshot shows too: an edit, a
+    # deletion, reactions, a mention of alice, someone typing.
+    final = "Scroll up and older messages keep coming: that's the infinite part."
+    await alice.edit("Scroll up and older messages keep coming.", final)
+    await bob.react("Hi Bob! Which replica are you on?", "🎉")
+    await alice.react("Deploy went out at 9, two replicas behind nginx.", "🚀")
+    oops = await carol.say_and_wait("oops, wrong room", ref="c-oops")
+    await expect(alice.message("oops, wrong room")).to_have_count(1)
+    await carol.send({"type": "delete", "id": oops["id"], "ref": "c-delete"})
+    hi = await carol.wait_for(lambda o: o["type"] == "message" and o["text"].startswith("Hi Bob!"))
+    await carol.send({"type": "react", "id": hi["id"], "emoji": "🎉", "ref": "c-react"})
 
     expected = [
         "Morning all!",
         "Deploy went out at 9, two replicas behind nginx.",
         "Hi Bob! Which replica are you on?",
-        "The other one. Shift+Enter for a new line,\nEnter to send.",
-        "Scroll up and older messages keep coming: that's the infinite part.",
+        "@alice The other one. Shift+Enter for a new line,\nEnter to send.",
+        final,
     ]
     for chat in (alice, bob):
         await expect(chat.texts).to_have_text(expected)
@@ -81,11 +92,20 @@ async def test_two_people_on_different_replicas_chat_and_see_each_other(
         names = [f"{name} (you)" if name == chat.name else name for name in ("alice", "bob", "carol")]
         await expect(chat.page.locator("#online li")).to_have_text(names)
         await expect(chat.page.locator("#online-count")).to_have_text("3")
+        await expect(chat.message(final).locator(".edited")).to_have_text("(edited)")
+        await expect(chat.page.locator("#messages .msg.deleted")).to_have_text(["message deleted"])
+        await expect(chat.reaction("Hi Bob! Which replica are you on?", "🎉")).to_have_text("🎉2")
     # Own messages are marked as one's own, and named.
     await expect(alice.message("Hi Bob! Which replica are you on?")).to_have_class("msg own")
     await expect(bob.message("Hi Bob! Which replica are you on?")).to_have_class("msg")
     await expect(bob.message("Hi Bob! Which replica are you on?").locator(".who")).to_have_text("alice")
     await expect(alice.message("Hi Bob! Which replica are you on?").locator("time")).to_have_text(re.compile(r"\d"))
+    await expect(alice.message("@alice The other one. Shift+Enter for a new line,\nEnter to send.")).to_have_class(
+        "msg mentions-me"
+    )
+    await carol.send({"type": "typing"})
+    await expect(alice.typing).to_have_text("carol is typing…")
+    await alice.page.mouse.move(0, 0)  # no message hovered: the picture shows the page at rest
 
     await alice.page.screenshot(path=artifacts / "chat-desktop.png")
     await alice.page.set_viewport_size(PHONE)
