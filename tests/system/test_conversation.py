@@ -18,6 +18,7 @@ from support.stack import Stack, room_on
 
 @pytest.fixture(scope="session", params=["standalone", "cluster"])
 def stack(request: pytest.FixtureRequest) -> Stack:
+    """The session's stack on the single Redis, or on the Redis Cluster (as test_chat_core.py's)."""
     started: Stack = request.getfixturevalue("stack" if request.param == "standalone" else "cluster_stack")
     return started
 

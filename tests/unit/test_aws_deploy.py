@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_ops_deploy import LEFT_TO_DEFAULTS, REGISTRY, commit_of, dockerfile_values, settings_read
+from test_ops_deploy import LEFT_TO_DEFAULTS, REGISTRY, commit_of, dockerfile_values, run_trapped, settings_read
 
 from infinite_chat.config import Settings
 from infinite_chat.server import hypercorn_config
@@ -270,20 +270,7 @@ def checkout(tmp_path: Path) -> Path:
 
 
 def deploy_aws(repo: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """The script with `aws` and `docker` on PATH as traps that record any call: a dry run makes none."""
-    traps = tmp_path / "traps"
-    traps.mkdir(exist_ok=True)
-    for tool in ("aws", "docker"):
-        trap = traps / tool
-        trap.write_text(f'#!/bin/sh\necho "{tool} $*" >> {tmp_path}/called\nexit 99\n')
-        trap.chmod(0o755)
-    return subprocess.run(
-        [str(repo / "scripts" / "deploy-aws"), *args],
-        env={"PATH": f"{traps}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_trapped(repo / "scripts" / "deploy-aws", tmp_path, *args)
 
 
 def test_deploy_aws_dry_run_prints_the_push_and_the_stack_commands_and_runs_none(

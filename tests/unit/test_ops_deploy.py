@@ -340,7 +340,12 @@ def commit_of(repo: Path) -> str:
 
 
 def push_images(repo: Path, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """Runs the script with `aws` and `docker` on PATH as traps that record any call: a dry run makes none."""
+    return run_trapped(repo / "scripts" / "push-images", tmp_path, *args, **env)
+
+
+def run_trapped(script: Path, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Runs a script with `aws` and `docker` on PATH as traps that record any call (in tmp_path/called): a dry run
+    makes none."""
     traps = tmp_path / "traps"
     traps.mkdir(exist_ok=True)
     for tool in ("aws", "docker"):
@@ -348,7 +353,7 @@ def push_images(repo: Path, tmp_path: Path, *args: str, **env: str) -> subproces
         trap.write_text(f'#!/bin/sh\necho "{tool} $*" >> {tmp_path}/called\nexit 99\n')
         trap.chmod(0o755)
     return subprocess.run(
-        [str(repo / "scripts" / "push-images"), *args],
+        [str(script), *args],
         env={"PATH": f"{traps}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), **env},
         capture_output=True,
         text=True,
