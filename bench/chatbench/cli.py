@@ -82,6 +82,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="restart the web replicas before idle, so memory per connection is measured on fresh replicas",
     )
+    p.add_argument(
+        "--typing",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="every connected client also sends a typing notice every SECONDS in each step (the page: 3); default off",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--label", default="", help="copied into the results")
     p.add_argument("--results", type=Path, default=RESULTS, help="output folder (default bench/results)")
@@ -147,6 +154,8 @@ BENCH_LIMITS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.typing < 0:
+        raise SystemExit("--typing takes seconds between notices (> 0), or 0 for none")
     if args.render:
         for path, res in zip(args.render, report.load(args.render), strict=True):
             report.write([res], path.with_suffix(""), title_of(res))
@@ -174,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rate_limit=args.rate_limit,
         seed=args.seed,
         label=args.label,
+        typing_s=args.typing,
         containers=containers,
         project=project,
         log=log,

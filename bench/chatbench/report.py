@@ -222,6 +222,18 @@ def notes(res: Result) -> list[str]:
         goal = ", ".join(f"{k} {v}" for k, v in target.items() if k != "met")
         out.append(f"  - target ({goal}): {'met' if target['met'] else '**missed**'}")
     for k, row in enumerate(res.get("steps") or []):
+        typing = row.get("typing") or {}
+        if typing.get("every_s") or typing.get("received_objects"):
+            per = typing.get("per_member_per_s") or {}
+            out.append(
+                f"  - step {k + 1}: typing"
+                + (f", a notice every {typing['every_s']:g} s from every client" if typing.get("every_s") else "")
+                + f": {fmt(typing.get('sent'))} sent in the window; received {fmt(typing.get('received_objects'))} "
+                f"typing objects in {fmt(typing.get('received_frames'))} frames, {fmt(typing.get('received_bytes'))} "
+                f"bytes; per member per second {fmt(per.get('objects'), 2)} objects, {fmt(per.get('frames'), 2)} "
+                f"frames, {fmt(per.get('bytes'), 1)} bytes"
+            )
+    for k, row in enumerate(res.get("steps") or []):
         for warning in row.get("warnings", []):
             out.append(f"  - step {k + 1}: {warning}")
     if res.get("disconnects"):

@@ -56,6 +56,7 @@ class Options:
     rate_limit: float = 5  # the server's RATE_LIMIT (msgs/s per connection)
     seed: int = 1
     label: str = ""
+    typing_s: float = 0  # > 0: every connected client also sends a typing notice this often (--typing)
     containers: list[Container] = field(default_factory=list)
     project: str | None = None
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
@@ -214,6 +215,7 @@ class ScenarioRun:
             "duration_s": sc.duration_s,
             "grace_s": sc.grace_s,
             "room_prefix": opt.room_prefix,
+            "typing_s": opt.typing_s or None,
             "host": host_info(),
             "stack": {
                 "project": opt.project,
@@ -339,6 +341,7 @@ class ScenarioRun:
                 t0_ns=t0,
                 measure_from_ns=measure_from,
                 measure_to_ns=measure_to,
+                typing_s=opt.typing_s,
             )
             for w in range(self.procs)
         ]
@@ -421,6 +424,9 @@ class ScenarioRun:
         row["send_lag_ms"] = {"p99": lag.p99, "max": lag.max}
         row["errors"] = errors
         row["send_failures"] = sum(d.send_failures for d in data)
+        row["typing"] = typing_report(
+            [d.typing for d in data], every_s=self.opt.typing_s, members=clients_open, duration_s=sc.duration_s
+        )
         row.update(self.cpu_report(a, b, figures.received_deliveries, lag.p99))
         row["warnings"] = warnings_of(row)
         return row
@@ -765,6 +771,30 @@ def storm_warnings(storm: dict[str, Any]) -> list[str]:
     return out
 
 
+def typing_report(
+    counts: Sequence[worker.TypingCount], every_s: float, members: int, duration_s: float
+) -> dict[str, Any]:
+    """The step's typing notices sent and typing objects received (in its measured window), in all and per member
+    per second: what typing costs a member's connection."""
+    sent = sum(c.sent for c in counts)
+    objects = sum(c.objects for c in counts)
+    frames = sum(c.frames for c in counts)
+    size = sum(c.bytes for c in counts)
+    per = members * duration_s
+    return {
+        "every_s": every_s or None,
+        "sent": sent,
+        "received_objects": objects,
+        "received_frames": frames,
+        "received_bytes": size,
+        "per_member_per_s": {
+            "objects": r3(objects / per) if per else None,
+            "frames": r3(frames / per) if per else None,
+            "bytes": r1(size / per) if per else None,
+        },
+    }
+
+
 def warnings_of(row: dict[str, Any]) -> list[str]:
     """What makes a row's figures doubtful, in words."""
     out = []
@@ -776,6 +806,9 @@ def warnings_of(row: dict[str, Any]) -> list[str]:
         out.append(f"{row['unknown_deliveries']} deliveries with an unknown message (generator bug)")
     if row["send_failures"]:
         out.append(f"{row['send_failures']} sends on closed sockets")
+    typing = row.get("typing") or {}
+    if typing.get("sent") and not typing.get("received_objects"):
+        out.append(f"{typing['sent']} typing notices sent and no typing object received (a build without typing?)")
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import math
 import os
 import random
@@ -35,6 +36,9 @@ from chatbench.storm import WELCOME_TIMEOUT_S, Outage, Traffic, reconnect_delay_
 
 PAD = " the quick brown fox jumps over the lazy dog" * 60
 ERROR_TYPE = b'"type":"error"'
+TYPING_TYPE = b'"type":"typing"'  # never inside a text, where a quote is escaped
+TYPING_LINE = b'{"type":"typing"'  # how the server starts a typing object (its type first, as every object)
+TYPING_NOTICE = '{"type":"typing"}'
 ID_FIELD = b'"id":"'  # a message's id; never inside a text, where a quote is escaped
 SAMPLES = 5  # error and disconnect samples kept, per process
 FRAME_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
@@ -97,6 +101,7 @@ class StartStep:
     t0_ns: int
     measure_from_ns: int
     measure_to_ns: int
+    typing_s: float = 0  # > 0: every connected client sends a typing notice this often, from t0 to measure_to
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +124,16 @@ class Close:
 
 
 @dataclass(slots=True)
+class TypingCount:
+    """Typing notices sent and typing objects received by this process's clients in a step's measured window."""
+
+    sent: int = 0
+    objects: int = 0
+    frames: int = 0  # frames holding at least one typing object
+    bytes: int = 0  # the typing objects' own bytes (their lines of a frame)
+
+
+@dataclass(slots=True)
 class StepData:
     proc: int
     messages: list[Message]
@@ -126,6 +141,7 @@ class StepData:
     lag_ns: array[int]  # how late each measured message was sent against its schedule
     errors: dict[str, int]  # error frames by code during the step
     send_failures: int  # sends on a socket that had closed
+    typing: TypingCount = field(default_factory=TypingCount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +299,8 @@ class Step:
         "sending",
         "sent_by_room",
         "tag",
+        "typing",
+        "typing_task",
     )
 
     def __init__(self, tag: str, measure_from: int, measure_to: int) -> None:
@@ -300,6 +318,8 @@ class Step:
         self.errors: dict[str, int] = {}
         self.send_failures = 0
         self.sending: asyncio.Task[None] | None = None
+        self.typing = TypingCount()
+        self.typing_task: asyncio.Task[None] | None = None
 
 
 class Worker:
@@ -519,6 +539,8 @@ class Worker:
         step = self.step
         # Before the first step there is no marker: an empty one would match everywhere (the fanout.mjs bug).
         at = data.find(step.mark) if step is not None else -1
+        if TYPING_TYPE in data:  # typing objects may share a frame with deliveries, as errors may
+            self.typing_received(step, data, now, parsed=at < 0 or step is None)
         if at < 0 or step is None:
             self.other_frame(client, data)
             return
@@ -558,6 +580,17 @@ class Worker:
             step.received += 1
             keys.append(proc << 32 | idx)
             latencies.append(now - sent)
+
+    def typing_received(self, step: Step | None, data: bytes, now: int, parsed: bool) -> None:
+        """Counts a frame's typing objects: by type over the run (a frame without the step's marker has its objects
+        counted by type when it is parsed), and with their bytes when they arrive in the step's measured window."""
+        objects, size = typing_objects(data)
+        if not parsed:
+            self.frames.by_type["typing"] = self.frames.by_type.get("typing", 0) + objects
+        if step is not None and not step.closed and step.measure_from <= now < step.measure_to and objects:
+            step.typing.objects += objects
+            step.typing.frames += 1
+            step.typing.bytes += size
 
     @staticmethod
     def note_id(client: Client, data: bytes) -> None:
@@ -637,6 +670,8 @@ class Worker:
             client.latencies = array("q")
         self.step = step
         step.sending = asyncio.get_running_loop().create_task(self.send_loop(step, command))
+        if command.typing_s > 0:
+            step.typing_task = asyncio.get_running_loop().create_task(self.typing_loop(step, command))
 
     async def send_loop(self, step: Step, command: StartStep) -> None:
         """One timer for all of this process's senders, like fanout.mjs: each slot is an independent sender."""
@@ -689,6 +724,32 @@ class Worker:
         except ConnectionClosed:
             step.send_failures += 1
 
+    async def typing_loop(self, step: Step, command: StartStep) -> None:
+        """Every connected client sends a typing notice every `typing_s` seconds from t0 until the window ends, as
+        the page does while someone composes; each client's first one comes at a random point of the first period,
+        so the clients do not all send at the same instants."""
+        period = int(command.typing_s * 1e9)
+        rng = random.Random(command.seed * 1000 + self.proc + 500)  # not the senders' sequence
+        due = typing_schedule([c.index for c in self.clients], command, rng)
+        heapq.heapify(due)
+        while due and due[0][0] < command.measure_to_ns:
+            at, index = due[0]
+            delay = (at - monotonic_ns()) / 1e9
+            if delay > 0:
+                await asyncio.sleep(delay)
+            heapq.heapreplace(due, (at + period, index))
+            client = self.by_index[index]
+            if not client.ready or client.ws is None:
+                continue
+            now = monotonic_ns()
+            try:
+                await client.ws.send(TYPING_NOTICE)
+            except ConnectionClosed:
+                step.send_failures += 1
+                continue
+            if step.measure_from <= now < step.measure_to:
+                step.typing.sent += 1
+
     def progress(self) -> Progress:
         step = self.step
         opened: dict[int, int] = {}
@@ -706,9 +767,11 @@ class Worker:
             raise RuntimeError("no step to close")
         if step.sending is not None:
             await step.sending
+        if step.typing_task is not None:
+            await step.typing_task
         step.closed = True  # from here on, this step's deliveries only count as late
         logs = [ClientLog(c.index, c.room, c.keys, c.latencies, c.closed_ns) for c in self.clients if c.in_step]
-        return StepData(self.proc, step.messages, logs, step.lag_ns, dict(step.errors), step.send_failures)
+        return StepData(self.proc, step.messages, logs, step.lag_ns, dict(step.errors), step.send_failures, step.typing)
 
     # ---- the storm
 
@@ -789,6 +852,23 @@ class Worker:
                 await asyncio.gather(*(ws.close() for ws in open_), return_exceptions=True)
         for ws in open_:
             ws.transport.abort()
+
+
+def typing_objects(data: bytes) -> tuple[int, int]:
+    """How many typing objects a server frame holds (one object per line) and their bytes."""
+    objects = size = 0
+    for line in data.split(b"\n"):
+        if line.startswith(TYPING_LINE):
+            objects += 1
+            size += len(line)
+    return objects, size
+
+
+def typing_schedule(clients: list[int], command: StartStep, rng: random.Random) -> list[tuple[int, int]]:
+    """Each client's first typing notice, (monotonic ns, client index): at a random point of the first period after
+    t0, the later ones every `typing_s` after it."""
+    period = command.typing_s * 1e9
+    return [(command.t0_ns + int(rng.random() * period), index) for index in clients]
 
 
 def failure_kind(error: Exception) -> str:
