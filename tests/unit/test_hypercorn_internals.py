@@ -131,3 +131,28 @@ def test_pyproject_and_requirements_pin_exactly_the_versions_checked() -> None:
     for name, version in hypercorn_internals.PINNED.items():
         assert f'"{name}=={version}"' in pyproject
         assert f"\n{name}=={version}\n" in requirements
+
+
+def test_compression_offered_by_a_client_is_declined() -> None:
+    # An ALB passes a browser's offer on (nginx strips it): the replica must answer without the extension, or
+    # wsproto would inflate each compressed frame whole before any size limit sees it.
+    harden_websocket_reading()
+    offer = b"permessage-deflate; client_max_window_bits"
+    handshake = ws_stream.Handshake(
+        [
+            (b"connection", b"upgrade"),
+            (b"upgrade", b"websocket"),
+            (b"sec-websocket-version", b"13"),
+            (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+            (b"sec-websocket-extensions", offer),
+        ],
+        "1.1",
+    )
+    status, headers, connection = handshake.accept(None, [])
+    assert status == 101
+    assert b"sec-websocket-extensions" not in {name for name, _ in headers}
+    # And a compressed frame (RSV1 set) from a client that compresses anyway is a protocol error, not inflated.
+    connection.receive_data(bytes([0xC1, 0x80 | 4]) + b"\x00\x00\x00\x00" + b"abcd")
+    [event] = list(connection.events())
+    assert isinstance(event, CloseConnection)
+    assert event.code == 1002

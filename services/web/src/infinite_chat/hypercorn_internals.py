@@ -48,6 +48,7 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.typing import ASGISendCallable
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import CloseConnection, Event, Message, TextMessage
+from wsproto.extensions import PerMessageDeflate
 
 from . import metrics
 from .config import Settings
@@ -138,6 +139,13 @@ def _whole_frame(event: Event) -> bool:
     return not isinstance(event, CloseConnection)
 
 
+class _Declined(PerMessageDeflate):
+    """permessage-deflate, declined whatever the offer: the handshake answers without the extension."""
+
+    def accept(self, offer: str) -> None:
+        return None
+
+
 def harden_websocket_reading(frame_rate: float = Settings.frame_rate, frame_burst: int = Settings.frame_burst) -> None:
     """Installs the limits and fixes (idempotent)."""
     _FrameRate.rate, _FrameRate.burst = frame_rate, frame_burst
@@ -146,6 +154,14 @@ def harden_websocket_reading(frame_rate: float = Settings.frame_rate, frame_burs
         if set(vars(ws_stream.WebsocketBuffer(1))) != {"value", "length", "max_length"}:
             raise InternalsChanged("hypercorn's WebsocketBuffer changed: review infinite_chat/hypercorn_internals.py")
         ws_stream.WebsocketBuffer.extend = _extend_within_limit  # type: ignore[method-assign]
+    # Compression is never agreed to. nginx strips the offer, but an ALB passes a browser's on, and wsproto would
+    # inflate each compressed client frame whole before any limit sees it (a 16 KiB frame can inflate to megabytes);
+    # DirectFrames also writes frames as if no extension were agreed. Hypercorn names the extension it offers
+    # through the name it imported: that name is what is replaced.
+    if getattr(ws_stream, "PerMessageDeflate", None) is not _Declined:
+        if getattr(ws_stream, "PerMessageDeflate", None) is not PerMessageDeflate:
+            raise InternalsChanged("hypercorn's extensions changed: review infinite_chat/hypercorn_internals.py")
+        setattr(ws_stream, "PerMessageDeflate", _Declined)  # noqa: B010
     # Hypercorn makes each connection through the name it imported: that name is what is replaced.
     current = getattr(ws_stream, "Connection", None)
     if current is not _HardenedConnection:
@@ -165,9 +181,9 @@ WRITE_BUFFER_HIGH = 64 * 1024
 class DirectFrames:
     """Writes text frames to the socket under Hypercorn's WebSocket stream, as Hypercorn would but without its
     per-frame layers. A server frame is a 2-10 byte header and the payload (RFC 6455 5.2: servers do not mask, and
-    no extension is negotiated because nginx strips the offer). Each write is a whole frame, so frames never
-    interleave with Hypercorn's own (pings, close); nothing is written once the close handshake has begun, and the
-    close itself goes through Hypercorn."""
+    no extension is negotiated: nginx strips the offer, and the replica declines it, `_Declined`). Each write is a
+    whole frame, so frames never interleave with Hypercorn's own (pings, close); nothing is written once the close
+    handshake has begun, and the close itself goes through Hypercorn."""
 
     __slots__ = ("asgi_send", "stream", "transport", "writer")
 
