@@ -403,3 +403,8 @@ def test_the_drain_watcher_stops_its_task_only_when_its_target_drains(template: 
     first = asked.read_text().splitlines()[0]
     assert "elbv2 describe-target-health" in first
     assert "Id=10.42.3.7,Port=8000" in first
+
+
+def test_the_template_fits_a_deploy_without_a_bucket() -> None:
+    # `aws cloudformation deploy` sends a template of at most 51,200 bytes itself; a larger one needs --s3-bucket.
+    assert TEMPLATE.stat().st_size < 51_200
