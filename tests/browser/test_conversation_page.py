@@ -235,6 +235,8 @@ async def test_up_arrow_in_an_empty_composer_edits_the_last_own_message(
     alice, bob = await two_on_different_replicas(browser, stack, room)
     await alice.say("one")
     await alice.say("two")
+    # Bob speaks once the room has her two: sent from another replica at the same moment, his could come first.
+    await expect(bob.texts).to_have_text(["one", "two"])
     await bob.say("three")
     await expect(alice.texts).to_have_text(["one", "two", "three"])
     editing = alice.page.locator("#editing")
