@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -73,7 +74,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1, help="generator processes sharing the clients (default 1)")
     p.add_argument("--crosscheck", action="store_true", help="also run ../shared/bench/fanout.mjs on each scenario")
     p.add_argument("--room-prefix", default="bench", help="rooms are PREFIX-0, PREFIX-1, ... (default bench)")
-    p.add_argument("--name-prefix", default="u", help="user names are PREFIX0, PREFIX1, ... (default u)")
+    p.add_argument(
+        "--name-prefix",
+        default=None,
+        help="user names are PREFIX0, PREFIX1, ... (default u<4 random hex>-: names are claimed, and a run reusing "
+        "another's would find them taken)",
+    )
     p.add_argument("--connect-concurrency", type=int, default=50, help="handshakes in flight at once, in all")
     p.add_argument("--rate-limit", type=float, default=5, help="the server's RATE_LIMIT; find-max stays under 0.8x")
     p.add_argument("--settle-max", type=float, default=5, help="longest wait for quiet between steps (s)")
@@ -149,6 +155,7 @@ BENCH_LIMITS = {
     "SOCKETS_PER_ADDRESS": "1000000",
     "ADDRESS_BYTES_PER_HOUR": str(1 << 40),
     "ADDRESS_ROOMS_PER_HOUR": "1000000",
+    "ADDRESS_NAMES_PER_HOUR": "1000000",
 }
 
 
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         origin=origin_of(url),
         processes=args.processes,
         room_prefix=args.room_prefix,
-        name_prefix=args.name_prefix,
+        name_prefix=args.name_prefix or f"u{secrets.token_hex(2)}-",
         connect_concurrency=args.connect_concurrency,
         settle_max_s=args.settle_max,
         rate_limit=args.rate_limit,
@@ -225,7 +232,8 @@ def crosscheck(fanout: FanoutCopy, sc: Scenario, options: Options) -> dict[str, 
         sc,
         url=options.url,
         room_prefix=room_prefix,
-        name_prefix=options.name_prefix,
+        # The Node generator keeps no claim tokens: names of its own for each scenario, never one of ours.
+        name_prefix=f"f{secrets.token_hex(2)}-",
         containers=options.containers,
         seed=options.seed,
     )

@@ -265,6 +265,7 @@ class Client:
         "room",
         "rx_bytes",
         "rx_frames",
+        "token",
         "ws",
     )
 
@@ -272,6 +273,7 @@ class Client:
         self.index = index
         self.room = room
         self.name = name
+        self.token: str | None = None
         self.ws: FrameCallbackConnection | None = None
         self.ready = False
         self.in_step = False
@@ -431,6 +433,8 @@ class Worker:
         join = {"type": "join", "name": client.name, "room": f"{setup.room_prefix}-{client.room}"}
         if since:
             join["since"] = since.decode()
+        if client.token:
+            join["token"] = client.token  # the name's claim, from its first welcome: a reconnect is the same person
         try:
             async with asyncio.timeout(timeout_s):
                 opened = await connect(
@@ -493,6 +497,9 @@ class Worker:
             if kind == "welcome" and isinstance(obj, dict):
                 report.replicas[client.index] = str(obj.get("replica", ""))
                 report.resumed[client.index] = obj.get("resumed") is True
+                token = obj.get("token")
+                if isinstance(token, str):
+                    client.token = token
                 if self.track_ids:
                     self.note_id(client, data)
                 step = self.step

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 import websockets
 
 from .addresses import forwarded
+from .names import remember, token_for
 
 Obj = dict[str, Any]
 T = TypeVar("T")
@@ -127,17 +128,32 @@ class ChatClient:
     async def send(self, obj: Obj) -> None:
         await self.ws.send(json.dumps(obj))
 
-    async def join(self, name: str, room: str | None = "lobby", since: str | None = None, timeout: float = 15) -> Obj:
+    async def join(
+        self,
+        name: str,
+        room: str | None = "lobby",
+        since: str | None = None,
+        timeout: float = 15,
+        *,
+        token: str | None = None,
+    ) -> Obj:
+        """Joins as `name`, with its token from this run's jar (support/names.py) unless one is given."""
         frame: Obj = {"type": "join", "name": name}
         if room is not None:
             frame["room"] = room
         if since is not None:
             frame["since"] = since
+        token = token or token_for(name.strip())
+        if token is not None:
+            frame["token"] = token
         start = len(self.objects)
         await self.send(frame)
         reply = await self.wait_for(lambda o: o["type"] in ("welcome", "error"), timeout=timeout, start=start)
         if reply["type"] == "error":
             raise AssertionError(f"join refused: {reply}")
+        if "token" in reply:
+            remember(reply["name"], reply["token"])
+            remember(name.strip(), reply["token"])
         self.welcome = reply
         return reply
 

@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection
 
 from .addresses import forwarded, new_address
 from .chat import eventually
+from .names import remember, token_for
 
 if TYPE_CHECKING:
     from .stack import Stack
@@ -124,6 +125,9 @@ class ResilientClient:
                     join: Obj = {"type": "join", "name": self.name, "room": self.room}
                     if self.last_id is not None:
                         join["since"] = self.last_id
+                    token = token_for(self.name)
+                    if token is not None:
+                        join["token"] = token  # the name is its own: a reconnect is the same person
                     await ws.send(json.dumps(join))
                     async for frame in ws:
                         text = frame if isinstance(frame, str) else frame.decode()
@@ -156,6 +160,8 @@ class ResilientClient:
             self._take(obj)
         elif kind == "welcome":
             self.welcomes.append(obj)
+            if "token" in obj:
+                remember(self.name, obj["token"])
             self.online = set(obj["online"])
             for message in obj["history"]:
                 self._take(message)

@@ -18,6 +18,7 @@ import websockets
 
 from support.addresses import forwarded, new_address
 from support.chat import ChatClient, Obj, eventually, eventually_async
+from support.names import unique
 from support.probe import HonestUser
 from support.rawws import OP_PING, OP_TEXT, HandshakeRefused, RawSocket, frame_header, mask
 from support.stack import Stack
@@ -105,7 +106,7 @@ class Talkers:
         sockets = []
         for n in range(count):
             raw = await RawSocket.open("127.0.0.1", stack.http_port, read_limit=1 << 20)
-            await raw.send_json({"type": "join", "name": f"talker-{n}", "room": room})
+            await raw.send_json({"type": "join", "name": unique(f"talker-{n}"), "room": room})
             sockets.append(raw)
         return cls(sockets)
 
@@ -175,7 +176,7 @@ async def test_a_made_up_since_costs_redis_one_bounded_read(stack: Stack) -> Non
 
     async def attack(address: str) -> Obj:
         client = await ChatClient.open(stack.ws_url, address=address)
-        welcome = await client.join("prober", room, since=made_up, timeout=30)
+        welcome = await client.join(unique("prober"), room, since=made_up, timeout=30)
         await client.close()
         return welcome
 
@@ -237,7 +238,7 @@ async def test_stalled_resumes_hold_a_bounded_amount_of_replica_memory(stack: St
     stalled: list[RawSocket] = []
     for _ in range(10):
         raw = await RawSocket.open("127.0.0.1", stack.http_port, receive_buffer=4096, read_limit=4096)
-        await raw.send_json({"type": "join", "name": "stalled", "room": room, "since": ids[-51]})
+        await raw.send_json({"type": "join", "name": unique("stalled"), "room": room, "since": ids[-51]})
         stalled.append(raw)
     talkers = await Talkers.join(stack, room, 20)
     samplers = {c: Sampler(lambda c=c: stack.rss_kib(c), every=0.25) for c in containers}  # type: ignore[misc]
@@ -397,6 +398,9 @@ async def test_join_and_leave_churn_costs_a_room_one_presence_event_per_interval
 
     async def churn(address: str) -> None:
         nonlocal churned
+        # One name per address, joining and leaving again and again (a new name each time would be a new claim,
+        # which an address may make only so many of an hour).
+        name = f"{long}-churn-{secrets.token_hex(2)}"
         while time.monotonic() < stop:
             try:
                 client = await ChatClient.open(stack.ws_url, address=address)
@@ -405,7 +409,7 @@ async def test_join_and_leave_churn_costs_a_room_one_presence_event_per_interval
                     raise
                 await asyncio.sleep(0.1)
                 continue
-            await client.join(f"{long}-churn-{secrets.token_hex(2)}", room)
+            await client.join(name, room)
             await client.close()
             churned += 1
 
@@ -531,7 +535,7 @@ async def test_a_flood_of_frames_is_closed_with_1008_and_others_chat_on(stack: S
     FRAME_RATE_BURST frames, and an address can open only 5 new sockets a second to start again."""
     room = room_name()
     first = await RawSocket.open("127.0.0.1", stack.http_port)
-    await first.send_json({"type": "join", "name": "flooder", "room": room})
+    await first.send_json({"type": "join", "name": unique("flooder"), "room": room})
     replica = (await first.read_objects())[0]["replica"]
     await first.close()
     containers = stack.web_containers()
@@ -581,7 +585,7 @@ async def test_fragments_and_control_frames_count_as_frames(stack: Stack) -> Non
     """A message split into a fragment per byte is many frames, and pings between are frames too: the limit is on
     what a client makes the replica read, however it is spelled."""
     raw = await RawSocket.open("127.0.0.1", stack.http_port)
-    payload = json.dumps({"type": "join", "name": "fragments", "room": room_name()}).encode()
+    payload = json.dumps({"type": "join", "name": unique("fragments"), "room": room_name()}).encode()
     with contextlib.suppress(ConnectionError):
         raw.write_frame(OP_TEXT, payload[:1], fin=False)
         for byte in payload[1:-1]:
@@ -602,7 +606,7 @@ async def test_a_close_that_cannot_be_written_ends_the_connection(stack: Stack) 
     CLOSE_TIMEOUT (10 s) the replica drops the connection and frees what it held."""
     room = room_name()
     stalled = await RawSocket.open("127.0.0.1", stack.http_port, receive_buffer=4096, read_limit=4096)
-    await stalled.send_json({"type": "join", "name": "stalled", "room": room})
+    await stalled.send_json({"type": "join", "name": unique("stalled"), "room": room})
     replica = (await stalled.read_objects())[0]["replica"]
     container = stack.container_of(replica)
     slow_before = stack.replica_metrics(container).get("chat_slow_consumers_total", 0.0)

@@ -31,6 +31,7 @@ from infinite_chat.broker import (
     presence_entry,
 )
 from infinite_chat.config import Settings
+from infinite_chat.names import Claim, new_token, token_hash
 from infinite_chat.protocol import (
     REACTION_NAMES_SHOWN,
     REACTIONS,
@@ -695,3 +696,43 @@ async def test_typing_notices_reach_every_listener_of_the_room_and_are_not_store
     assert [(notice.room, notice.names) for notice in listener.typing] == [(room, ("ann", "bob"))]
     assert (await read(chat, room, None)).deliveries == []
     await listener.stop()
+
+
+# ---- owned names ------------------------------------------------------------------------------------------------
+
+
+async def test_a_free_name_is_claimed_by_the_first_and_refused_to_any_other_token(brokers: Brokers) -> None:
+    first, second = brokers(), brokers()
+    folded = f"alice-{secrets.token_hex(4)}"
+    hers, other = token_hash(new_token()), token_hash(new_token())
+    assert await first.claim(folded, "Alice", "", hers, take=False) == (Claim.FREE, "Alice")
+    assert await first.claim(folded, "Alice", "", hers, take=True) == (Claim.CLAIMED, "Alice")
+    # On any replica: hers with her token (under the first spelling, however she spells it now), nobody else's.
+    assert await second.claim(folded, "ALICE", hers, other, take=True) == (Claim.OWNED, "Alice")
+    assert await second.claim(folded, "alice", other, other, take=True) == (Claim.TAKEN, "Alice")
+    assert await second.claim(folded, "alice", "", other, take=True) == (Claim.TAKEN, "Alice")
+    assert not await second.release(folded, other)
+    assert await first.claim(folded, "alice", hers, other, take=False) == (Claim.OWNED, "Alice")
+
+
+async def test_a_released_name_is_free_for_the_next_join(brokers: Brokers) -> None:
+    first, second = brokers(), brokers()
+    folded = f"bob-{secrets.token_hex(4)}"
+    his, next_owner = token_hash(new_token()), token_hash(new_token())
+    assert (await first.claim(folded, "bob", "", his, take=True))[0] is Claim.CLAIMED
+    assert await second.release(folded, his)
+    assert await second.release(folded, his)  # nobody's already: released
+    assert await first.claim(folded, "Bob", his, next_owner, take=True) == (Claim.CLAIMED, "Bob")
+    assert await second.claim(folded, "bob", his, his, take=False) == (Claim.TAKEN, "Bob")
+
+
+async def test_an_address_may_claim_only_so_many_new_names_an_hour(brokers: Brokers) -> None:
+    chat = brokers(address_names_per_hour=2)
+    claimer = address()
+    for _ in range(2):
+        assert await chat.charge(claimer, 0, new_room=False, new_name=True) is None
+    refusal = await chat.charge(claimer, 0, new_room=False, new_name=True)
+    assert refusal is not None
+    assert (refusal.code, refusal.retry_after_ms) == ("too_many_names", pytest.approx(1_800_000, rel=0.02))
+    assert await chat.charge(claimer, 100, new_room=True) is None  # rooms and bytes are counted apart
+    assert await chat.charge(address(), 0, new_room=False, new_name=True) is None

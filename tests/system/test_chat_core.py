@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from support.chat import ChatClient, Obj, client_on, eventually, still_chats
+from support.names import unique
 from support.stack import Stack, room_on, room_slot
 
 HISTORY_SIZE = 25
@@ -391,7 +392,7 @@ async def test_when_redis_is_down_the_sender_gets_unavailable_and_nobody_the_mes
         assert (online.status_code, online.json()["error"]) == (503, "unavailable")
         # Joining needs Redis too: an error the client can read, then close 1013 (try again later).
         newcomer = await ChatClient.open(stack.ws_url)
-        await newcomer.send({"type": "join", "name": "newcomer", "room": room})
+        await newcomer.send({"type": "join", "name": unique("newcomer"), "room": room})
         error = await newcomer.wait_for(lambda o: o["type"] in ("welcome", "error"), timeout=20)
         assert error["code"] == "unavailable"
         assert await newcomer.wait_closed(timeout=15) == 1013

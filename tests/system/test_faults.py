@@ -19,6 +19,7 @@ import websockets
 from support.addresses import forwarded
 from support.chat import ChatClient, client_on, eventually, eventually_async
 from support.figures import report, seconds
+from support.names import remember, unique
 from support.rawws import RawSocket
 from support.resilient import ResilientClient, keep_saying, settle, start_all
 from support.stack import Stack
@@ -260,7 +261,7 @@ async def test_redis_outage_refuses_sends_and_chat_resumes_by_itself(stack: Stac
                     assert ready.json()["status"] == "unavailable"
                     assert password not in ready.text
             newcomer = await ChatClient.open(stack.ws_url)
-            await newcomer.send({"type": "join", "name": "newcomer", "room": room})
+            await newcomer.send({"type": "join", "name": unique("newcomer"), "room": room})
             error = await newcomer.wait_for(lambda o: o["type"] == "error")
             assert error["code"] == "unavailable"
             assert password not in json.dumps(error)
@@ -365,9 +366,10 @@ async def test_stalled_client_is_cut_off_without_slowing_anyone(stack: Stack, ro
     dropped it), after which it resumes with since: everything it missed, or a fresh history when that is more than
     a resume brings."""
     stalled = await RawSocket.open("127.0.0.1", stack.http_port, receive_buffer=4096, read_limit=4096)
-    await stalled.send_json({"type": "join", "name": "stalled", "room": room})
+    await stalled.send_json({"type": "join", "name": unique("stalled"), "room": room})
     welcome = (await stalled.read_objects())[0]
     assert welcome["type"] == "welcome"
+    remember(welcome["name"], welcome["token"])  # it comes back as itself
     replica = welcome["replica"]
     container = stack.container_of(replica)
     others = [ResilientClient(stack.ws_url, f"user-{i}", room) for i in range(20)]
@@ -414,7 +416,7 @@ async def test_stalled_client_is_cut_off_without_slowing_anyone(stack: Stack, ro
     assert len(got) < len(ids)
     await stalled.close()
     back = await ChatClient.open(stack.ws_url)
-    resumed = await back.join("stalled", room, since=got[-1] if got else None)
+    resumed = await back.join(welcome["name"], room, since=got[-1] if got else None)
     missed = ids[len(got) :]
     if len(missed) * len(text.encode()) > RESUME_MAX_BYTES:
         # More than a resume brings: a fresh history, and the gap is for the HTTP API (as the page scrolls back).
@@ -466,6 +468,11 @@ async def test_one_replica_holds_two_thousand_idle_connections(stack: Stack, roo
     sockets: list[websockets.ClientConnection] = []
     readers: list[asyncio.Task[None]] = []
     gate = asyncio.Semaphore(40)
+    # The crowd's one name, claimed first: every socket of the crowd joins with its token.
+    claimer = await ChatClient.open(stack.ws_url)
+    claimed = await claimer.join(unique("crowd"), f"{room}-claim")  # a room of its own: nothing in the crowd's
+    await claimer.close()
+    crowd, token = claimed["name"], claimed["token"]
 
     async def read(index: int, ws: websockets.ClientConnection) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
@@ -479,7 +486,7 @@ async def test_one_replica_holds_two_thousand_idle_connections(stack: Stack, roo
             )
             sockets.append(ws)
             # One name for the whole crowd: presence changes once, not 2,000 times to 2,000 members.
-            await ws.send(json.dumps({"type": "join", "name": "crowd", "room": room}))
+            await ws.send(json.dumps({"type": "join", "name": crowd, "room": room, "token": token}))
             welcome = json.loads(str(await asyncio.wait_for(ws.recv(), 60)).split("\n")[0])
             assert welcome["type"] == "welcome"
             readers.append(asyncio.create_task(read(index, ws)))

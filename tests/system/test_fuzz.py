@@ -28,6 +28,7 @@ from websockets.sync.client import ClientConnection, connect
 from infinite_chat.protocol import REACTIONS, ErrorCode
 from support.addresses import forwarded
 from support.chat import eventually, still_chats
+from support.names import unique
 from support.stack import Stack
 
 MAX_FRAME = 16 * 1024
@@ -53,7 +54,11 @@ json_values = st.recursive(
 ids = st.tuples(st.integers(0, 2**70), st.integers(0, 2**70)).map(lambda t: f"{t[0]}-{t[1]}")
 strings = st.text(max_size=40) | st.text(max_size=2100) | st.sampled_from(["", " ", "\n", "\u2028", "\x00", "lobby"])
 protocol_shaped = st.fixed_dictionaries(
-    {"type": st.sampled_from(["join", "say", "typing", "edit", "delete", "react"]) | st.text(max_size=8) | json_values},
+    {
+        "type": st.sampled_from(["join", "say", "typing", "edit", "delete", "react", "release"])
+        | st.text(max_size=8)
+        | json_values
+    },
     optional={
         "id": ids | strings | json_values,
         "emoji": st.sampled_from(REACTIONS) | strings | json_values,
@@ -63,6 +68,7 @@ protocol_shaped = st.fixed_dictionaries(
         "since": ids | strings | json_values,
         "text": strings | json_values,
         "ref": st.text(max_size=70) | json_values,
+        "token": st.text(max_size=70) | st.just("t" * 8193) | json_values,
     },
 )
 
@@ -211,7 +217,19 @@ def expected(frame: Frame) -> set[str]:
         return unreadable
     kind = value.get("type")
     if kind == "join":
-        return unreadable | {"welcome", "invalid_name", "invalid_room", "invalid_since", "already_joined"}
+        return unreadable | {
+            "welcome",
+            "invalid_name",
+            "invalid_room",
+            "invalid_since",
+            "invalid_token",
+            "already_joined",
+            "name_taken",
+            "too_many_names",
+            "rate_limited",
+        }
+    if kind == "release":
+        return unreadable | {"released", "invalid_token", "invalid_name", "name_taken", "rate_limited"}
     if kind == "say":
         say_codes = {
             "invalid_ref",
@@ -261,22 +279,23 @@ def check_answer(frame: Frame, answer: dict[str, Any]) -> None:
         assert answer.get("code") == "unknown_type", answer
         answer = {"type": SILENT}
     kind = answer.get("type")
-    assert kind in ("error", "welcome", "message", "edit", "delete", "reaction", SILENT), answer
+    assert kind in ("error", "welcome", "message", "edit", "delete", "reaction", "released", SILENT), answer
     got = answer["code"] if kind == "error" else kind
     assert got in expected(frame), f"{frame!r:.200} was answered {got}"
     if kind == "error":
         assert answer["code"] in ERROR_CODES, answer
         assert isinstance(answer["detail"], str)
         assert answer["detail"]
-        if answer["code"] in ("rate_limited", "quota_exceeded", "too_many_rooms"):
+        if answer["code"] in ("rate_limited", "quota_exceeded", "too_many_rooms", "too_many_names"):
             assert answer["retry_after_ms"] > 0
 
 
 def still_answers(prober: Prober, room: str) -> None:
-    """The socket still answers like a chat: a join (or 'already joined'), then a message (or 'slow down')."""
-    prober.ws.send(json.dumps({"type": "join", "name": "prober", "room": room}))
+    """The socket still answers like a chat: a join (or 'already joined', or 'slow down' after many tries of names),
+    then a message (or 'slow down')."""
+    prober.ws.send(json.dumps({"type": "join", "name": unique("prober"), "room": room}))
     joined = prober.answer()
-    assert joined["type"] == "welcome" or joined.get("code") == "already_joined", joined
+    assert joined["type"] == "welcome" or joined.get("code") in ("already_joined", "rate_limited"), joined
     prober.ws.send(json.dumps({"type": "say", "text": "still here", "ref": "probe"}))
     said = prober.answer()
     assert said["type"] == "message" or said.get("code") == "rate_limited", said

@@ -15,6 +15,7 @@ import websockets
 
 from support.addresses import forwarded
 from support.chat import ChatClient, answer_to, still_chats
+from support.names import unique
 from support.rawws import OP_CLOSE, OP_TEXT, RawSocket, frame_header, mask
 from support.resilient import read_log
 from support.stack import Stack
@@ -26,11 +27,11 @@ MAX_FRAME = 16 * 1024
 
 
 async def test_frame_over_16_kib_is_closed_with_1009_and_one_at_the_limit_is_read(stack: Stack, room: str) -> None:
-    at_limit = json.dumps({"type": "join", "name": "edge", "room": room}).ljust(MAX_FRAME)
+    at_limit = json.dumps({"type": "join", "name": unique("edge"), "room": room}).ljust(MAX_FRAME)
     client = await ChatClient.open(stack.ws_url)
     await client.send_raw(at_limit)
     welcome = await client.wait_for(lambda o: o["type"] == "welcome")
-    assert welcome["name"] == "edge"
+    assert welcome["name"].startswith("edge-")
 
     await client.send_raw(json.dumps({"type": "say", "text": "x"}).ljust(MAX_FRAME + 1))
     assert await client.wait_closed() == 1009
@@ -46,7 +47,7 @@ async def test_a_five_megabyte_frame_is_refused_before_it_is_read(stack: Stack, 
     """The close comes after the first 16 KiB, while almost all of the frame is still unsent, and sending the rest
     anyway does not make the replica hold it."""
     raw = await RawSocket.open("127.0.0.1", stack.http_port)
-    await raw.send_json({"type": "join", "name": "flooder", "room": room})
+    await raw.send_json({"type": "join", "name": unique("flooder"), "room": room})
     replica = (await raw.read_objects())[0]["replica"]
     container = stack.container_of(replica)
     before = stack.rss_kib(container)
@@ -80,7 +81,7 @@ async def test_a_five_megabyte_frame_is_refused_before_it_is_read(stack: Stack, 
 async def test_frames_that_cannot_be_parsed_are_closed_with_a_close_frame(stack: Stack, room: str) -> None:
     """Invalid UTF-8 in a text frame: 1007 (a close frame, not a dropped connection), and nothing of it stored."""
     ws = await websockets.connect(stack.ws_url, compression=None, additional_headers=forwarded())
-    await ws.send(json.dumps({"type": "join", "name": "garbled", "room": room}))
+    await ws.send(json.dumps({"type": "join", "name": unique("garbled"), "room": room}))
     welcome = str(await asyncio.wait_for(ws.recv(), 10)).split("\n")[0]  # a frame may carry several objects
     replica = json.loads(welcome)["replica"]
     await ws.send(b'{"type": "say", "text": "\xff\xfe"}', text=True)

@@ -52,6 +52,7 @@ async def replica() -> AsyncIterator[Replica]:
 async def test_join_gets_a_welcome_with_everything_a_client_needs(replica: Replica) -> None:
     alice = await replica.chat()
     welcome = await alice.join("  alice ", "room-1")
+    assert isinstance(welcome.pop("token"), str)  # the name is hers now (tests/unit/test_names.py)
     assert welcome == {
         "type": "welcome",
         "replica": "unit-a",

@@ -308,6 +308,7 @@ def test_the_welcome_splices_history_in_unchanged() -> None:
             online=["alice", "bob"],
             online_count=3,
             resumed=True,
+            token="the-token",
         )
     )
     assert obj == {
@@ -319,6 +320,7 @@ def test_the_welcome_splices_history_in_unchanged() -> None:
         "online": ["alice", "bob"],
         "online_count": 3,
         "resumed": True,
+        "token": "the-token",
     }
 
 

@@ -93,6 +93,10 @@ class Settings:
     sockets_per_address: int = 64
     address_bytes_per_hour: int = 16 * 1024 * 1024
     address_rooms_per_hour: int = 20
+    # New names an address may claim in an hour (a join with a name nobody holds), and how long a claim lasts
+    # without a join that uses it: what one address can make Redis keep for names is bounded.
+    address_names_per_hour: int = 30
+    name_idle_days: int = 30
     allowed_origins: frozenset[str] = frozenset()
     ping_interval: float = 20.0
     drain_seconds: float = 1.0
@@ -150,6 +154,10 @@ class Settings:
             address_rooms_per_hour=_int(
                 env, "ADDRESS_ROOMS_PER_HOUR", defaults.address_rooms_per_hour, low=1, high=1_000_000
             ),
+            address_names_per_hour=_int(
+                env, "ADDRESS_NAMES_PER_HOUR", defaults.address_names_per_hour, low=1, high=1_000_000
+            ),
+            name_idle_days=_int(env, "NAME_IDLE_DAYS", defaults.name_idle_days, low=1, high=3650),
             allowed_origins=frozenset(
                 origin.strip().rstrip("/").lower()
                 for origin in env.get("ALLOWED_ORIGINS", "").split(",")

@@ -17,6 +17,8 @@ DEFAULT_ROOM = "lobby"
 NAME_MAX = 32
 TEXT_MAX = 2000
 REF_MAX = 64
+# A join's token: a name's claim token, or a signed-in deployment's JWT (which can be long); longer is refused unread.
+TOKEN_MAX = 8192
 # Names a message lists as mentioned (`@name`), at most.
 MENTIONS_MAX = 20
 # The reactions there are: a fixed set, so that a message's reactions are bounded and every client can show them.
@@ -79,11 +81,16 @@ class ErrorCode(StrEnum):
     MESSAGE_DELETED = "message_deleted"
     NO_CHANGE = "no_change"
     TOO_MANY_REACTIONS = "too_many_reactions"
+    # Owned names.
+    NAME_TAKEN = "name_taken"
+    TOO_MANY_NAMES = "too_many_names"
+    INVALID_TOKEN = "invalid_token"
 
 
 class CloseCode(IntEnum):
     """The WebSocket close codes the server sends (docs/protocol.md); 1006 is no close frame at all."""
 
+    NORMAL = 1000  # after `released`: the name this socket was joined under is no longer its own
     PROTOCOL_ERROR = 1002  # a frame that breaks RFC 6455 (wsproto's)
     INVALID_DATA = 1007  # a text frame that is not UTF-8 (wsproto's)
     TOO_MANY_FRAMES = 1008
@@ -124,6 +131,15 @@ class Join:
     name: str
     room: str
     since: str | None
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Gives up a claimed name, for whoever holds its token."""
+
+    name: str
+    token: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +185,7 @@ class React:
     ref: str | None
 
 
-ClientFrame = Join | Say | Typing | Edit | Delete | React
+ClientFrame = Join | Say | Typing | Edit | Delete | React | Release
 
 
 MessageId = tuple[int, int]
@@ -218,6 +234,11 @@ def parse_client_frame(data: str | bytes) -> ClientFrame:
         return _parse_join(obj)
     if kind == "typing":
         return Typing()
+    if kind == "release":
+        token = _parse_token(obj)
+        if token is None:
+            raise ProtocolError(ErrorCode.INVALID_TOKEN, 'Releasing a name takes its "token".')
+        return Release(_parse_name(obj), token)
     if kind == "edit":
         ref = _parse_ref(obj)
         return Edit(_parse_target(obj, ref), _parse_text(obj, ref), ref)
@@ -234,12 +255,34 @@ def parse_client_frame(data: str | bytes) -> ClientFrame:
         return React(target, emoji, on, ref)
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,
-        'The "type" must be "join", "say", "typing", "edit", "delete" or "react".',
+        'The "type" must be "join", "say", "typing", "edit", "delete", "react" or "release".',
         _ref_if_valid(obj),
     )
 
 
 def _parse_join(obj: dict[str, object]) -> Join:
+    name = _parse_name(obj)
+    room = obj.get("room", DEFAULT_ROOM)
+    if room is None:
+        room = DEFAULT_ROOM
+    if not isinstance(room, str) or not ROOM_PATTERN.fullmatch(room):
+        raise ProtocolError(ErrorCode.INVALID_ROOM, "A room name has 1 to 32 of a-z, 0-9, - and _.")
+    since = obj.get("since")
+    if since is not None and not isinstance(since, str):
+        raise ProtocolError(ErrorCode.INVALID_SINCE, '"since" must be the id of a message, as a string.')
+    return Join(name=name, room=room, since=since or None, token=_parse_token(obj))
+
+
+def _parse_token(obj: dict[str, object]) -> str | None:
+    token = obj.get("token")
+    if token is None:
+        return None
+    if not isinstance(token, str) or len(token) > TOKEN_MAX:
+        raise ProtocolError(ErrorCode.INVALID_TOKEN, f'"token" must be a string of at most {TOKEN_MAX} characters.')
+    return token or None
+
+
+def _parse_name(obj: dict[str, object]) -> str:
     name = obj.get("name")
     if not isinstance(name, str):
         raise ProtocolError(ErrorCode.INVALID_NAME, "Pick a name: 1 to 32 characters.")
@@ -249,15 +292,7 @@ def _parse_join(obj: dict[str, object]) -> Join:
     problem = name_problem(name)
     if problem is not None:
         raise ProtocolError(ErrorCode.INVALID_NAME, problem)
-    room = obj.get("room", DEFAULT_ROOM)
-    if room is None:
-        room = DEFAULT_ROOM
-    if not isinstance(room, str) or not ROOM_PATTERN.fullmatch(room):
-        raise ProtocolError(ErrorCode.INVALID_ROOM, "A room name has 1 to 32 of a-z, 0-9, - and _.")
-    since = obj.get("since")
-    if since is not None and not isinstance(since, str):
-        raise ProtocolError(ErrorCode.INVALID_SINCE, '"since" must be the id of a message, as a string.')
-    return Join(name=name, room=room, since=since or None)
+    return name
 
 
 def _parse_say(obj: dict[str, object]) -> Say:
@@ -417,20 +452,26 @@ def welcome_frame(
     online: Sequence[str],
     online_count: int,
     resumed: bool,
+    token: str | None,
 ) -> bytes:
-    return orjson.dumps(
-        {
-            "type": "welcome",
-            "replica": replica,
-            "room": room,
-            "name": name,
-            # Stored messages are already JSON: spliced in as they are, never parsed and re-encoded.
-            "history": [orjson.Fragment(message) for message in history],
-            "online": list(online),
-            "online_count": online_count,
-            "resumed": resumed,
-        }
-    )
+    frame: dict[str, object] = {
+        "type": "welcome",
+        "replica": replica,
+        "room": room,
+        "name": name,
+        # Stored messages are already JSON: spliced in as they are, never parsed and re-encoded.
+        "history": [orjson.Fragment(message) for message in history],
+        "online": list(online),
+        "online_count": online_count,
+        "resumed": resumed,
+    }
+    if token is not None:
+        frame["token"] = token
+    return orjson.dumps(frame)
+
+
+def released_frame(name: str) -> bytes:
+    return orjson.dumps({"type": "released", "name": name})
 
 
 def error_frame(error: ProtocolError, *, retry_after_ms: int | None = None) -> bytes:

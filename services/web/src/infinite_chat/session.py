@@ -1,5 +1,6 @@
-"""One client's conversation with this replica: join once, then say, type, and edit, delete or react to messages. A
-bad frame gets an error and the conversation goes on; only a broken socket or a restart ends it."""
+"""One client's conversation with this replica: join once (under a name it owns), then say, type, and edit, delete or
+react to messages. A bad frame gets an error and the conversation goes on; only a broken socket, a restart or the
+release of its name ends it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from .allowances import Allowances
 from .broker import Broker, BrokerUnavailable, ChangeRefused, Delivery, NotConfirmed, Online, QuotaRefusal
 from .config import Settings
 from .connection import Connection
+from .names import Claims, NameTaken, TooManyNames, fold
 from .protocol import (
     CloseCode,
     Delete,
@@ -20,6 +22,7 @@ from .protocol import (
     Join,
     ProtocolError,
     React,
+    Release,
     Say,
     Typing,
     change_body,
@@ -27,6 +30,7 @@ from .protocol import (
     message_body,
     parse_client_frame,
     parse_message_id,
+    released_frame,
     welcome_frame,
 )
 from .ratelimit import TokenBucket
@@ -34,6 +38,10 @@ from .rooms import Member, Rooms
 from .typists import TYPING_NOTICE_GAP
 
 log = logging.getLogger(__name__)
+
+# Joins and releases per connection: a few at once (a name taken, another tried), then one a second.
+NAME_TRIES_PER_SECOND = 1.0
+NAME_TRIES_BURST = 5
 
 
 class Session:
@@ -54,7 +62,9 @@ class Session:
         # The client's address as addresses.py keys it: what its allowance in Redis is counted against.
         self.address = address
         self.allowances = allowances
+        self.claims = Claims(broker)
         self.rate = TokenBucket(settings.rate_limit, settings.rate_burst)
+        self.name_tries = TokenBucket(NAME_TRIES_PER_SECOND, NAME_TRIES_BURST)
         # Set by the join: this connection in its room.
         self.member: Member | None = None
         self.present = False
@@ -74,6 +84,8 @@ class Session:
                 await self._join(command)
             elif isinstance(command, Typing):
                 self._typing()
+            elif isinstance(command, Release):
+                await self._release(command)
             else:
                 await self._change(command)
         except ProtocolError as error:
@@ -88,8 +100,26 @@ class Session:
             raise ProtocolError(
                 ErrorCode.ALREADY_JOINED, "You are already in a room; open another connection for another."
             )
+        if not self._may_try_a_name():
+            return
         connection = self.connection
-        member = self.member = self.rooms.enter(join.room, connection, join.name)
+        try:
+            name, token = await self.claims.claim(join.name, join.token, self.address)
+        except NameTaken:
+            raise ProtocolError(
+                ErrorCode.NAME_TAKEN,
+                "That name is someone else's here (names are kept for whoever claimed them first). Pick another, "
+                "or join with the name's token.",
+            ) from None
+        except TooManyNames as refused:
+            detail = "Your address has claimed too many new names this hour. Use a name you have, or wait."
+            self._refuse(ProtocolError(ErrorCode.TOO_MANY_NAMES, detail), retry_after_ms=refused.retry_after_ms)
+            return
+        except BrokerUnavailable:
+            self._refuse(ProtocolError(ErrorCode.UNAVAILABLE, "The chat is unavailable for a moment; reconnecting."))
+            connection.close(CloseCode.TRY_AGAIN, "storage unavailable")
+            return
+        member = self.member = self.rooms.enter(join.room, connection, name)
         try:
             await self.rooms.hear(member)
             online = await self.broker.join(join.room, member.entry)
@@ -102,7 +132,8 @@ class Session:
             return
         joined_at = history[-1].id if history else (parse_message_id(join.since) if resumed and join.since else None)
         self.room_is_new = joined_at is None
-        self.rooms.welcome(member, self._welcome(join, online, [d.frame for d in history], resumed), joined_at)
+        welcome = self._welcome(join, name, token, online, [d.frame for d in history], resumed)
+        self.rooms.welcome(member, welcome, joined_at)
         metrics.JOINS.inc()
         if resumed:
             metrics.RESUMES.inc()
@@ -129,16 +160,46 @@ class Session:
             size += len(recent[start].frame)
         return recent[start:], False
 
-    def _welcome(self, join: Join, online: Online, history: list[bytes], resumed: bool) -> bytes:
+    def _welcome(self, join: Join, name: str, token: str, online: Online, history: list[bytes], resumed: bool) -> bytes:
         return welcome_frame(
             replica=self.settings.replica_name,
             room=join.room,
-            name=join.name,
+            name=name,
             history=history,
             online=online.names,
             online_count=online.count,
             resumed=resumed,
+            token=token,
         )
+
+    def _may_try_a_name(self) -> bool:
+        """A join or a release costs Redis a call or three, and a taken name may be tried again and again: a
+        connection gets a few tries, then one a second."""
+        wait = self.name_tries.take()
+        if wait > 0:
+            self._refuse(
+                ProtocolError(ErrorCode.RATE_LIMITED, "Slow down: too many tries of a name."),
+                retry_after_ms=max(1, round(wait * 1000)),
+            )
+            return False
+        return True
+
+    async def _release(self, release: Release) -> None:
+        if not self._may_try_a_name():
+            return
+        try:
+            released = await self.claims.release(release.name, release.token)
+        except BrokerUnavailable:
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE, "Not released: the chat cannot reach its storage. Try again."
+            ) from None
+        if not released:
+            raise ProtocolError(ErrorCode.NAME_TAKEN, "That is not the token of that name: it stays its owner's.")
+        self.connection.reply(released_frame(release.name))
+        member = self.member
+        if member is not None and fold(member.name) == fold(release.name):
+            # It is nobody's now, so this socket may not go on speaking under it.
+            self.connection.close(CloseCode.NORMAL, "name released")
 
     def _joined(self, ref: str | None) -> Member:
         if self.member is None:

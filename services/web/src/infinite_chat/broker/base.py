@@ -1,8 +1,8 @@
-"""What a replica needs from the state the replicas share, as three small interfaces and the types they speak in:
-the rooms' logs and the fan-out (`Log`), who is online (`Presence`), and what each client address may still add
-(`Quotas`). `Broker` is all three; `RedisBroker` (redis.py) and `MemoryBroker` (memory.py) are its two kinds, held
-to one contract (tests/system/test_broker_contract.py). Every method raises BrokerUnavailable when it cannot
-answer.
+"""What a replica needs from the state the replicas share, as four small interfaces and the types they speak in:
+the rooms' logs and the fan-out (`Log`), who is online (`Presence`), what each client address may still add
+(`Quotas`), and who holds each claimed name (`Names`). `Broker` is all four; `RedisBroker` (redis.py) and
+`MemoryBroker` (memory.py) are its two kinds, held to one contract (tests/system/test_broker_contract.py). Every
+method raises BrokerUnavailable when it cannot answer.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from dataclasses import dataclass
 
 from ..config import Settings
+from ..names import Claim
 from ..protocol import Change, ErrorCode, MessageId, entry_frame, message_frame, parse_message_id
 
 # Entries read from a log per round trip: a bounded reply (at most about 900 KB of the largest messages) however
@@ -102,7 +103,7 @@ class Appended:
 class QuotaRefusal:
     """Why an address may not add a message now, and when it may again."""
 
-    code: ErrorCode  # QUOTA_EXCEEDED (bytes) or TOO_MANY_ROOMS
+    code: ErrorCode  # QUOTA_EXCEEDED (bytes), TOO_MANY_ROOMS or TOO_MANY_NAMES
     retry_after_ms: int
 
 
@@ -268,15 +269,30 @@ class Presence(ABC):
 
 
 class Quotas(ABC):
-    """Each client address's hourly allowance of bytes and new rooms, shared by every replica."""
+    """Each client address's hourly allowance of bytes, new rooms and new names, shared by every replica."""
 
     @abstractmethod
-    async def charge(self, address: str, size: int, *, new_room: bool) -> QuotaRefusal | None:
-        """Takes `size` bytes (and a room, when the message creates one) from the address's allowance; a refusal
-        takes nothing."""
+    async def charge(self, address: str, size: int, *, new_room: bool, new_name: bool = False) -> QuotaRefusal | None:
+        """Takes `size` bytes (and a room, when the message creates one; a name, when a join claims one) from the
+        address's allowance; a refusal takes nothing."""
 
 
-class Broker(Log, Presence, Quotas):
+class Names(ABC):
+    """Who holds each claimed name (names.py), by its folded form and the SHA-256 of its token; a claim lasts
+    NAME_IDLE_DAYS after the last join that used it."""
+
+    @abstractmethod
+    async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str]:
+        """Whether the name is `offered`'s (OWNED, and its idle time starts again), someone else's (TAKEN), or free:
+        then with `take` it becomes `new`'s under the spelling `name` (CLAIMED), without, it is only reported (FREE).
+        Also returns the name as claimed (its first spelling), or `name` when it is free."""
+
+    @abstractmethod
+    async def release(self, folded: str, offered: str) -> bool:
+        """Gives the name up, if it is `offered`'s (or nobody's); False when it is someone else's."""
+
+
+class Broker(Log, Presence, Quotas, Names):
     """The shared state as one replica sees it."""
 
     @abstractmethod

@@ -73,6 +73,11 @@ def quota_key(address: str) -> str:
     return f"chat:address:{address}:quota"
 
 
+def name_key(folded: str) -> str:
+    """A claimed name (claim.lua), under its folded form (names.fold); one key, so any slot will do."""
+    return f"chat:name:{folded}"
+
+
 def slot_of(key: str | bytes) -> int:
     """The cluster slot of a key or shard channel (Redis's CRC16 of its hash tag)."""
     return key_slot(key.encode() if isinstance(key, str) else key)

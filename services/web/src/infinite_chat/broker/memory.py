@@ -16,6 +16,7 @@ from heapq import heappop, heappush
 import orjson
 
 from ..config import Settings
+from ..names import Claim
 from ..protocol import (
     REACTIONS_PER_MESSAGE,
     Change,
@@ -168,11 +169,21 @@ class _State:
 
 @dataclass(slots=True)
 class _Allowance:
-    """What quota.lua keeps per address: bytes and rooms left, as of `at` (seconds)."""
+    """What quota.lua keeps per address: bytes, rooms and names left, as of `at` (seconds)."""
 
     size: float
     rooms: float
     at: float
+    names: float
+
+
+@dataclass(slots=True)
+class _Claim:
+    """What claim.lua keeps per name: its token's hash and first spelling, until `until` (seconds)."""
+
+    token: str
+    name: str
+    until: float
 
 
 class MemoryBroker(Broker):
@@ -184,6 +195,7 @@ class MemoryBroker(Broker):
         self._states: dict[str, dict[str, _State]] = {}
         self._room_presence: dict[str, _RoomPresence] = {}
         self._allowances: dict[str, _Allowance] = {}
+        self._claims: dict[str, _Claim] = {}
         self._refs: dict[str, _Refs] = {}
         self._listeners: set[asyncio.Queue[Delivery | TypingNotice]] = set()
         self._heard: set[str] = set()
@@ -315,21 +327,27 @@ class MemoryBroker(Broker):
             size += len(delivery.frame)
         return LogRead(deliveries, found=True, complete=True)
 
-    async def charge(self, address: str, size: int, *, new_room: bool) -> QuotaRefusal | None:
+    async def charge(self, address: str, size: int, *, new_room: bool, new_name: bool = False) -> QuotaRefusal | None:
         # quota.lua, in Python: a bucket per address that refills over QUOTA_WINDOW_MS.
         settings = self.settings
         window = QUOTA_WINDOW_MS / 1000
         size_cap, rooms_cap = float(settings.address_bytes_per_hour), float(settings.address_rooms_per_hour)
+        names_cap = float(settings.address_names_per_hour)
         now = time.monotonic()
         left = self._allowances.get(address)
         if left is None or now - left.at >= window:
-            left = _Allowance(size_cap, rooms_cap, now)
+            left = _Allowance(size_cap, rooms_cap, now, names_cap)
         else:
             elapsed = now - left.at
             left = _Allowance(
                 min(size_cap, left.size + elapsed * size_cap / window),
                 min(rooms_cap, left.rooms + elapsed * rooms_cap / window),
                 now,
+                min(names_cap, left.names + elapsed * names_cap / window),
+            )
+        if new_name and left.names < 1:
+            return QuotaRefusal(
+                ErrorCode.TOO_MANY_NAMES, max(1, math.ceil((1 - left.names) * window * 1000 / names_cap))
             )
         if new_room and left.rooms < 1:
             return QuotaRefusal(
@@ -342,8 +360,35 @@ class MemoryBroker(Broker):
         left.size -= size
         if new_room:
             left.rooms -= 1
+        if new_name:
+            left.names -= 1
         self._allowances[address] = left
         return None
+
+    async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str]:
+        # claim.lua, in Python.
+        now = time.monotonic()
+        idle = self.settings.name_idle_days * 86_400
+        held = self._claims.get(folded)
+        if held is not None and held.until > now:
+            if offered and held.token == offered:
+                held.until = now + idle
+                return Claim.OWNED, held.name
+            return Claim.TAKEN, held.name
+        if not take:
+            return Claim.FREE, name
+        self._claims[folded] = _Claim(new, name, now + idle)
+        return Claim.CLAIMED, name
+
+    async def release(self, folded: str, offered: str) -> bool:
+        held = self._claims.get(folded)
+        if held is None or held.until <= time.monotonic():
+            self._claims.pop(folded, None)
+            return True
+        if held.token != offered:
+            return False
+        del self._claims[folded]
+        return True
 
     async def _presence_call(
         self, action: str, room: str, entries: Sequence[str], *, after: str | None, limit: int

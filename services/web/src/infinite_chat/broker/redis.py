@@ -30,6 +30,7 @@ from redis.retry import Retry
 
 from .. import metrics
 from ..config import Settings
+from ..names import Claim
 from ..protocol import (
     REACTIONS_PER_MESSAGE,
     Change,
@@ -64,6 +65,7 @@ from .keys import (
     channel_key,
     confirmed_key,
     log_key,
+    name_key,
     old_log_key,
     presence_keys,
     quota_key,
@@ -193,6 +195,8 @@ class RedisBroker(Broker):
         self._migrate = self.redis.register_script(_script("migrate.lua"))
         self._presence_script = self.redis.register_script(_script("presence.lua"))
         self._quota = self.redis.register_script(_script("quota.lua"))
+        self._claim = self.redis.register_script(_script("claim.lua"))
+        self._release = self.redis.register_script(_script("release.lua"))
         self._idle_seconds = settings.room_idle_days * 86_400
 
     async def close(self) -> None:
@@ -432,7 +436,7 @@ class RedisBroker(Broker):
             cursor = f"{last[0]}-{last[1]}"
             first_page = False
 
-    async def charge(self, address: str, size: int, *, new_room: bool) -> QuotaRefusal | None:
+    async def charge(self, address: str, size: int, *, new_room: bool, new_name: bool = False) -> QuotaRefusal | None:
         settings = self.settings
         try:
             await self._discover()
@@ -444,6 +448,8 @@ class RedisBroker(Broker):
                     settings.address_bytes_per_hour,
                     settings.address_rooms_per_hour,
                     QUOTA_WINDOW_MS,
+                    1 if new_name else 0,
+                    settings.address_names_per_hour,
                 ],
             )
         except REDIS_FAILURES as error:
@@ -451,6 +457,25 @@ class RedisBroker(Broker):
         if verdict == b"ok":
             return None
         return QuotaRefusal(ErrorCode(verdict.decode()), max(1, int(wait)))
+
+    async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str]:
+        try:
+            await self._discover()
+            verdict, held = await self._claim(
+                keys=[name_key(folded)],
+                args=[offered, new, name, self.settings.name_idle_days * 86_400, 1 if take else 0],
+            )
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+        return Claim(verdict.decode()), held.decode()
+
+    async def release(self, folded: str, offered: str) -> bool:
+        try:
+            await self._discover()
+            released = await self._release(keys=[name_key(folded)], args=[offered])
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+        return bool(released)
 
     async def _presence_call(
         self, action: str, room: str, entries: Sequence[str], *, after: str | None, limit: int

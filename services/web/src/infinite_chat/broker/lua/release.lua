@@ -1,0 +1,13 @@
+-- Gives up a claimed name (claim.lua's hash), if the token offered is its own.
+-- KEYS[1]  the claim
+-- ARGV[1]  the SHA-256 of the token offered
+-- Returns 1 when the name is free now (released, or nobody's already), 0 when it is someone else's.
+local held = redis.call('HGET', KEYS[1], 't')
+if not held then
+  return 1
+end
+if held ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
