@@ -79,6 +79,9 @@ class ErrorCode(StrEnum):
     MESSAGE_DELETED = "message_deleted"
     NO_CHANGE = "no_change"
     TOO_MANY_REACTIONS = "too_many_reactions"
+    # Signing in (AUTH_MODE jwt or alb).
+    SIGN_IN_REQUIRED = "sign_in_required"
+    INVALID_TOKEN = "invalid_token"
 
 
 class CloseCode(IntEnum):
