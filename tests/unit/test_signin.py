@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import threading
 import time
 import uuid
@@ -666,3 +667,21 @@ def test_a_jwks_file_without_a_usable_key_stops_the_replica(tmp_path: Path) -> N
             sign_in({"AUTH_MODE": "jwt", "AUTH_JWKS_FILE": str(path)})
     with pytest.raises(ConfigError, match="cannot be read"):
         sign_in({"AUTH_MODE": "jwt", "AUTH_JWKS_FILE": str(tmp_path / "missing.json")})
+
+
+# ---- nginx --------------------------------------------------------------------------------------------------------
+
+NGINX = Path(__file__).resolve().parents[2] / "services" / "nginx"
+
+
+def test_nginx_never_passes_on_a_clients_own_alb_sign_in_headers() -> None:
+    """In Compose nginx is the front: a client could send x-amzn-oidc-data itself, so nginx must drop it (verified
+    against a running nginx when this was written: the replica saw none of the three)."""
+    headers = (NGINX / "proxy-headers.conf").read_text()
+    for name in ("X-Amzn-Oidc-Data", "X-Amzn-Oidc-Accesstoken", "X-Amzn-Oidc-Identity"):
+        assert re.search(rf'^proxy_set_header {name} "";$', headers, re.M | re.I), name
+    conf = (NGINX / "nginx.conf").read_text()
+    locations = re.findall(r"location [^{]*\{(.*?)\n        \}", conf, re.S)
+    proxied = [body for body in locations if "proxy_pass" in body]
+    assert proxied
+    assert all("include /etc/nginx/proxy-headers.conf;" in body for body in proxied)
