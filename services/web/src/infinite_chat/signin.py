@@ -32,7 +32,7 @@ from .ratelimit import TokenBucket
 log = logging.getLogger(__name__)
 
 # The token comes from anyone who can open a socket: it is bounded before anything parses it. 8 KiB holds any
-# sensible ID token; the ALB's header holds the IdP's user claims, which the ALB itself bounds at 11 KB.
+# sensible ID token; the ALB's header holds the IdP's user claims, and an ALB passes no header over 16 KB.
 TOKEN_MAX_BYTES = 8 * 1024
 ALB_DATA_MAX_BYTES = 16 * 1024
 # A JWKS document or one ALB key: far above any real one (a JWKS with a few RSA keys is a few KB).
