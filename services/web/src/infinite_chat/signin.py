@@ -94,7 +94,6 @@ class SignIn:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.mode = settings.auth_mode
-        self._clock = clock
         self._leeway = settings.auth_leeway_seconds
         self._jwks: _JwksKeys | None = None
         self._alb: _AlbKeys | None = None
