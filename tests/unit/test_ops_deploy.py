@@ -32,6 +32,21 @@ LEFT_TO_DEFAULTS = {
     "REDIS_CA_FILE": "ElastiCache's certificates chain to public CAs that the image's ca-certificates trusts",
     "REDIS_SENTINELS": "ElastiCache fails over by itself and moves its endpoint's name: no Sentinel on AWS",
     "REDIS_SENTINEL_MASTER": "the same: only with REDIS_SENTINELS",
+    # Signing in (docs/sign-in.md): off unless configured, and the join does not use it yet.
+    "AUTH_MODE": "defaults to names (owned names): nobody signs in until a deployment chooses jwt or alb",
+    "AUTH_JWT_SECRET": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_JWT_SECRET_FILE": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_JWKS_FILE": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_JWKS_URL": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_ISSUER": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_AUDIENCE": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_LEEWAY_SECONDS": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_NAME_CLAIM": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_MODERATOR_CLAIM": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_MODERATOR_VALUE": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_ALB_ARN": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_ALB_REGION": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
+    "AUTH_ALB_KEYS_URL": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
 }
 
 SAMPLE_VALUES = {

@@ -5,13 +5,25 @@ This is the only place that reads the environment; everything else receives a `S
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .protocol import MESSAGE_MAX_BYTES, NAME_MAX_BYTES
+
+# Where the ALB publishes the public key of each `kid` it signs x-amzn-oidc-data with (AWS's documentation); another
+# partition (GovCloud, China) or a test sets AUTH_ALB_KEYS_URL instead.
+ALB_KEYS_URL = "https://public-keys.auth.elb.{region}.amazonaws.com/{kid}"
+# arn:<partition>:elasticloadbalancing:<region>:<account>:loadbalancer/app/<name>/<id>: the region is the key URL's.
+ALB_ARN_PATTERN = re.compile(
+    r"arn:aws[a-z-]*:elasticloadbalancing:([a-z0-9-]+):[0-9]{12}:loadbalancer/app/[A-Za-z0-9-]{1,32}/[0-9a-f]{1,32}"
+)
+REGION_PATTERN = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]")
 
 
 class ConfigError(ValueError):
@@ -105,6 +117,27 @@ class Settings:
     unsubscribe_grace: float = 5.0
     max_frame_bytes: int = 16 * 1024
     log_level: str = "info"
+    # Who may join as whom (docs/sign-in.md): `names` (owned names, nobody signs in), `jwt` (a token from the
+    # deployment's identity provider) or `alb` (the ALB signed the person in and says so in x-amzn-oidc-data).
+    auth_mode: str = "names"
+    # jwt: HS256 with this secret, and/or RS256 and ES256 with the keys of one JWKS, from a file or an https URL.
+    auth_jwt_secret: Secret = field(default_factory=lambda: Secret(""))
+    auth_jwks_file: str | None = None
+    auth_jwks_url: str | None = None
+    # jwt: a token must be from this issuer and for this audience, when they are set (they should be).
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    # Clock skew allowed between the identity provider (or the ALB) and this replica, for exp, nbf and iat.
+    auth_leeway_seconds: int = 30
+    # The claim whose value is the person's name in the chat (jwt and alb).
+    auth_name_claim: str = "name"
+    # A person is a moderator when this claim is this value, or a list holding it; unset, nobody is by claim.
+    auth_moderator_claim: str | None = None
+    auth_moderator_value: str | None = None
+    # alb: the load balancer whose signature counts (its ARN), the region of its keys, and where they are fetched.
+    auth_alb_arn: str | None = None
+    auth_alb_region: str | None = None
+    auth_alb_keys_url: str = ALB_KEYS_URL
 
     @property
     def presence_refresh(self) -> float:
@@ -168,8 +201,22 @@ class Settings:
             unsubscribe_grace=_float(env, "UNSUBSCRIBE_GRACE_SECONDS", defaults.unsubscribe_grace, low=0, high=3600),
             max_frame_bytes=_int(env, "MAX_FRAME_BYTES", defaults.max_frame_bytes, low=1024, high=1 << 20),
             log_level=_choice(env, "LOG_LEVEL", defaults.log_level, {"debug", "info", "warning", "error"}),
+            auth_mode=_choice(env, "AUTH_MODE", defaults.auth_mode, {"names", "jwt", "alb"}),
+            auth_jwt_secret=Secret(_secret(env, "AUTH_JWT_SECRET")),
+            auth_jwks_file=env.get("AUTH_JWKS_FILE", "").strip() or None,
+            auth_jwks_url=env.get("AUTH_JWKS_URL", "").strip() or None,
+            auth_issuer=env.get("AUTH_ISSUER", "").strip() or None,
+            auth_audience=env.get("AUTH_AUDIENCE", "").strip() or None,
+            auth_leeway_seconds=_int(env, "AUTH_LEEWAY_SECONDS", defaults.auth_leeway_seconds, low=0, high=300),
+            auth_name_claim=env.get("AUTH_NAME_CLAIM", "").strip() or defaults.auth_name_claim,
+            auth_moderator_claim=env.get("AUTH_MODERATOR_CLAIM", "").strip() or None,
+            auth_moderator_value=env.get("AUTH_MODERATOR_VALUE", "").strip() or None,
+            auth_alb_arn=env.get("AUTH_ALB_ARN", "").strip() or None,
+            auth_alb_region=env.get("AUTH_ALB_REGION", "").strip().lower() or None,
+            auth_alb_keys_url=env.get("AUTH_ALB_KEYS_URL", "").strip() or defaults.auth_alb_keys_url,
         )
         settings.check_outbox_holds_a_welcome()
+        settings.check_sign_in()
         if settings.redis_url and settings.redis_sentinels:
             raise ConfigError("set REDIS_URL or REDIS_SENTINELS, not both (with Sentinel, it names the primary)")
         if settings.redis_cluster and settings.redis_sentinels:
@@ -190,6 +237,48 @@ class Settings:
                 "(RESUME_MAX_BYTES, or one message of the largest size, plus the online list)"
             )
 
+    def check_sign_in(self) -> None:
+        """A signing-in mode without what it needs would refuse every join (or, worse, accept forged ones): the
+        replica does not start instead."""
+        if (self.auth_moderator_claim is None) != (self.auth_moderator_value is None):
+            raise ConfigError("set AUTH_MODERATOR_CLAIM and AUTH_MODERATOR_VALUE together, or neither")
+        if self.auth_mode == "jwt":
+            if not self.auth_jwt_secret and not (self.auth_jwks_file or self.auth_jwks_url):
+                raise ConfigError("AUTH_MODE=jwt needs AUTH_JWT_SECRET (HS256) or AUTH_JWKS_FILE or AUTH_JWKS_URL")
+            if self.auth_jwks_file and self.auth_jwks_url:
+                raise ConfigError("set AUTH_JWKS_FILE or AUTH_JWKS_URL, not both")
+            if self.auth_jwt_secret and len(self.auth_jwt_secret.reveal().encode()) < 32:
+                # RFC 7518: an HS256 key at least as long as the hash; a short one can be guessed offline from
+                # any token it signed.
+                raise ConfigError("AUTH_JWT_SECRET must be at least 32 bytes")
+            if self.auth_jwks_url:
+                _check_fetch_url("AUTH_JWKS_URL", self.auth_jwks_url)
+        if self.auth_mode == "alb":
+            if self.auth_alb_arn is None:
+                raise ConfigError("AUTH_MODE=alb needs AUTH_ALB_ARN, the ARN of the load balancer that signs people in")
+            arn = ALB_ARN_PATTERN.fullmatch(self.auth_alb_arn)
+            if arn is None:
+                raise ConfigError(f"AUTH_ALB_ARN={self.auth_alb_arn!r} is not the ARN of an application load balancer")
+            if self.auth_alb_region is not None and not REGION_PATTERN.fullmatch(self.auth_alb_region):
+                raise ConfigError(f"AUTH_ALB_REGION={self.auth_alb_region!r} is not an AWS region")
+            if self.auth_alb_region is not None and self.auth_alb_region != arn.group(1):
+                raise ConfigError(f"AUTH_ALB_REGION={self.auth_alb_region} is not AUTH_ALB_ARN's region")
+            if "{kid}" not in self.auth_alb_keys_url:
+                raise ConfigError("AUTH_ALB_KEYS_URL must hold {kid}, where the key's id goes")
+            _check_fetch_url("AUTH_ALB_KEYS_URL", self.alb_keys_url_for("00000000-0000-0000-0000-000000000000"))
+
+    @property
+    def alb_region(self) -> str:
+        """The region of the ALB's keys: AUTH_ALB_REGION, else AUTH_ALB_ARN's."""
+        if self.auth_alb_region is not None:
+            return self.auth_alb_region
+        arn = ALB_ARN_PATTERN.fullmatch(self.auth_alb_arn or "")
+        return arn.group(1) if arn is not None else ""
+
+    def alb_keys_url_for(self, kid: str) -> str:
+        """Where the ALB's key `kid` is; the caller has checked that `kid` is only letters, digits and dashes."""
+        return self.auth_alb_keys_url.replace("{region}", self.alb_region).replace("{kid}", kid)
+
     @property
     def welcome_history_bytes(self) -> int:
         """The most bytes of messages a welcome's history holds, resumed or not (the newest that fit): a message with
@@ -206,6 +295,37 @@ def _password(env: Mapping[str, str]) -> str:
         except OSError as error:
             raise ConfigError(f"REDIS_PASSWORD_FILE={path} cannot be read: {error.strerror}") from None
     return env.get("REDIS_PASSWORD", "")
+
+
+def _secret(env: Mapping[str, str], name: str) -> str:
+    """A secret from NAME, or from the file NAME_FILE (a Docker secret), which wins, as with REDIS_PASSWORD."""
+    path = env.get(f"{name}_FILE")
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ConfigError(f"{name}_FILE={path} cannot be read: {error.strerror}") from None
+    return env.get(name, "").strip()
+
+
+def _check_fetch_url(name: str, url: str) -> None:
+    """Keys are fetched over https only: over plain http anyone on the path could hand the replica their own key.
+    The one exception is a server on this host's loopback (the tests'), which nobody on a network can stand in for."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname is not None and _is_loopback(parts.hostname):
+        return
+    raise ConfigError(f"{name}={url!r} must be an https:// URL (http:// only to 127.0.0.1, ::1 or localhost)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _addresses(env: Mapping[str, str], name: str) -> tuple[tuple[str, int], ...]:

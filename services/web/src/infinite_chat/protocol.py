@@ -84,6 +84,8 @@ class ErrorCode(StrEnum):
     # Owned names.
     NAME_TAKEN = "name_taken"
     TOO_MANY_NAMES = "too_many_names"
+    # Signing in (AUTH_MODE jwt or alb).
+    SIGN_IN_REQUIRED = "sign_in_required"
     INVALID_TOKEN = "invalid_token"
 
 
