@@ -36,6 +36,7 @@ class AsgiSocket:
         app: ASGIApp,
         *,
         path: str = "/ws",
+        query: str = "",
         headers: dict[str, str] | None = None,
         client: tuple[str, int] = ("127.0.0.1", 40000),
     ) -> AsgiSocket:
@@ -48,7 +49,7 @@ class AsgiSocket:
             "scheme": "ws",
             "path": path,
             "raw_path": path.encode(),
-            "query_string": b"",
+            "query_string": query.encode(),
             "root_path": "",
             "headers": [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()],
             "client": client,

@@ -4,12 +4,15 @@ Redis: tests/system/test_names.py."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jwt
 import pytest
 
 from infinite_chat import Settings, create_app
+from infinite_chat.config import Secret
 from infinite_chat.broker import MemoryBroker
 from infinite_chat.names import Claims, NameTaken, TooManyNames, fold, new_token, token_hash
 from support.asgi import AsgiSocket
@@ -122,3 +125,47 @@ async def test_a_join_claims_its_name_and_a_release_frees_it(chat: Any) -> None:
     welcome = await answer_to(intruder, {"type": "join", "name": "ZOË", "room": "names"})
     assert (welcome["type"], welcome["name"]) == ("welcome", "ZOË")
     assert welcome["token"] != token
+
+
+# ---- signed-in deployments: the name comes from the token, and is owned by its subject ------------------------------
+
+SECRET = "a-secret-of-at-least-32-bytes-for-hs256!"
+
+
+def signed(subject: str, name: str, **claims: Any) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": subject, "name": name, "exp": now + 300, "iat": now, **claims}, SECRET, "HS256")
+
+
+@pytest.fixture
+async def signed_in_chat() -> AsyncIterator[Any]:
+    app = create_app(Settings(replica_name="unit-jwt", auth_mode="jwt", auth_jwt_secret=Secret(SECRET)))
+    async with app.test_app():
+        opened: list[ChatClient] = []
+
+        async def socket(query: str = "") -> ChatClient:
+            client = ChatClient.over(await AsgiSocket.open(app, query=query))  # type: ignore[arg-type]
+            opened.append(client)
+            return client
+
+        yield socket
+        for client in opened:
+            if not client.closed:
+                await client.close()
+
+
+async def test_a_signed_in_join_takes_its_name_from_the_token_and_owns_it(signed_in_chat: Any) -> None:
+    ann = await signed_in_chat()
+    missing = await answer_to(ann, {"type": "join", "name": "ann", "room": "jwt"})
+    assert missing["code"] == "sign_in_required"
+    forged = await answer_to(ann, {"type": "join", "name": "x", "room": "jwt", "token": signed("u1", "Ann")[:-2]})
+    assert forged["code"] == "invalid_token"
+    welcome = await answer_to(ann, {"type": "join", "name": "whatever", "room": "jwt", "token": signed("u1", "Ann")})
+    assert (welcome["type"], welcome["name"]) == ("welcome", "Ann")
+    assert "token" not in welcome  # nothing for the client to keep: the sign-in is the proof
+    # The same person elsewhere, with the token in the socket's URL; someone else signed in as "ann" may not.
+    again = await signed_in_chat(f"token={signed('u1', 'ann')}")
+    assert (await answer_to(again, {"type": "join", "name": "-", "room": "jwt"}))["name"] == "Ann"
+    other = await signed_in_chat()
+    taken = await answer_to(other, {"type": "join", "name": "-", "room": "jwt", "token": signed("u2", "ANN")})
+    assert taken["code"] == "name_taken"

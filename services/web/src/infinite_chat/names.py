@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .broker import Broker
 
-# A claim token as the page keeps it: 32 random bytes, URL-safe base64 (43 characters). Anything longer is not one.
-TOKEN_MAX = 64
 # Wraps right-to-left characters in confusable_homoglyphs' data, for display: not part of the character.
 _LEFT_TO_RIGHT_MARK = "\u200e"
 
@@ -114,13 +112,13 @@ class Claims:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
-    async def claim(self, name: str, token: str | None, address: str) -> tuple[str, str]:
+    async def claim(self, name: str, token: str | None, address: str, *, issue: bool = True) -> tuple[str, str]:
         """The name as claimed and its token, for a join offering `token` (or none): the name is the token's
-        already, or it was free and is a new token's now. A new name is charged to the address (TooManyNames);
-        NameTaken when it is someone else's."""
+        already, or it was free and is a new token's now (with `issue`; without, the offered token's: a signed-in
+        person's). A new name is charged to the address (TooManyNames); NameTaken when it is someone else's."""
         folded = fold(name)
-        offered = token_hash(token) if token is not None and len(token) <= TOKEN_MAX else ""
-        fresh = new_token()
+        offered = token_hash(token) if token else ""
+        fresh = new_token() if issue or not token else token
         # A returning name costs one call; only a name nobody holds is charged to the address and then claimed.
         verdict, held = await self.broker.claim(folded, name, offered, token_hash(fresh), take=False)
         if verdict is Claim.FREE:

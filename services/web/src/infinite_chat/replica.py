@@ -18,6 +18,7 @@ from .config import Settings
 from .connection import Connection, Flusher
 from .protocol import CloseCode
 from .rooms import Rooms
+from .signin import SignIn
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Replica:
         self._broker: Broker | None = None
         self._rooms: Rooms | None = None
         self._allowances: Allowances | None = None
+        self._signin: SignIn | None = None
         self.flusher = Flusher(settings.coalesce_ms / 1000)
         self._tasks: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
@@ -53,11 +55,19 @@ class Replica:
             raise RuntimeError("the replica has not started")
         return self._allowances
 
+    @property
+    def signin(self) -> SignIn:
+        if self._signin is None:
+            raise RuntimeError("the replica has not started")
+        return self._signin
+
     async def start(self) -> None:
         # Made here, on the serving loop, never at import: an asyncio Redis client belongs to the loop that made it.
         self._broker = open_broker(self.settings)
         self._rooms = Rooms(self._broker, self.settings)
         self._allowances = Allowances(self._broker, self.settings.address_bytes_per_hour)
+        self._signin = SignIn(self.settings)
+        await self._signin.start()
         self._tasks = [
             asyncio.create_task(_forever("fan_out", self._rooms.fan_out)),
             asyncio.create_task(_forever("keep_presence", self._rooms.keep_presence)),
@@ -86,6 +96,8 @@ class Replica:
             self._rooms.typists.stop()
         if self._broker is not None:
             await self._broker.close()
+        if self._signin is not None:
+            await self._signin.close()
 
     def opened(self, connection: Connection) -> None:
         self.connections.add(connection)

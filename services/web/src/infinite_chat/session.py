@@ -35,6 +35,7 @@ from .protocol import (
 )
 from .ratelimit import TokenBucket
 from .rooms import Member, Rooms
+from .signin import Credentials, SignIn, SignInRefused
 from .typists import TYPING_NOTICE_GAP
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 # Joins and releases per connection: a few at once (a name taken, another tried), then one a second.
 NAME_TRIES_PER_SECOND = 1.0
 NAME_TRIES_BURST = 5
+NO_CREDENTIALS = Credentials()
 
 
 class Session:
@@ -54,6 +56,8 @@ class Session:
         *,
         address: str,
         allowances: Allowances,
+        signin: SignIn,
+        credentials: Credentials = NO_CREDENTIALS,
     ) -> None:
         self.connection = connection
         self.rooms = rooms
@@ -63,6 +67,8 @@ class Session:
         self.address = address
         self.allowances = allowances
         self.claims = Claims(broker)
+        self.signin = signin
+        self.credentials = credentials
         self.rate = TokenBucket(settings.rate_limit, settings.rate_burst)
         self.name_tries = TokenBucket(NAME_TRIES_PER_SECOND, NAME_TRIES_BURST)
         # Set by the join: this connection in its room.
@@ -104,7 +110,20 @@ class Session:
             return
         connection = self.connection
         try:
-            name, token = await self.claims.claim(join.name, join.token, self.address)
+            signed_in = await self.signin.identify(
+                token=join.token or self.credentials.token, alb_data=self.credentials.alb_data
+            )
+        except SignInRefused as refused:
+            raise ProtocolError(refused.code, refused.detail) from None
+        try:
+            if signed_in is None:
+                name, token = await self.claims.claim(join.name, join.token, self.address)
+            else:
+                # The name the sign-in gives, owned by the person it signed in (by subject), so that someone else
+                # whose sign-in gives the same name cannot speak as them; no token for the client to keep.
+                subject = f"subject:{signed_in.subject}"
+                name, _ = await self.claims.claim(signed_in.name, subject, self.address, issue=False)
+                token = None
         except NameTaken:
             raise ProtocolError(
                 ErrorCode.NAME_TAKEN,
@@ -160,7 +179,9 @@ class Session:
             size += len(recent[start].frame)
         return recent[start:], False
 
-    def _welcome(self, join: Join, name: str, token: str, online: Online, history: list[bytes], resumed: bool) -> bytes:
+    def _welcome(
+        self, join: Join, name: str, token: str | None, online: Online, history: list[bytes], resumed: bool
+    ) -> bytes:
         return welcome_frame(
             replica=self.settings.replica_name,
             room=join.room,

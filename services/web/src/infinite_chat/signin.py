@@ -59,6 +59,15 @@ RSA_MIN_BITS = 2048
 
 
 @dataclass(frozen=True, slots=True)
+class Credentials:
+    """What the WebSocket upgrade request said about who is connecting: the `?token=` of its URL, and the
+    x-amzn-oidc-data header an ALB with sign-in adds (nginx clears a client's own)."""
+
+    token: str | None = None
+    alb_data: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SignedIn:
     """A person the deployment's identity provider (or the ALB) vouches for."""
 

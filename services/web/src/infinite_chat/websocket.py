@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope, WebsocketScope
@@ -25,11 +25,24 @@ from .hypercorn_internals import DirectFrames, direct_frames
 from .protocol import CloseCode, HttpError
 from .replica import Replica
 from .session import Session
+from .signin import ALB_DATA_MAX_BYTES, TOKEN_MAX_BYTES, Credentials
 
 PATH = "/ws"
 log = logging.getLogger(__name__)
 
 ASGIApp = Any  # Quart's asgi_app: (scope, receive, send) -> awaitable
+
+
+def credentials(scope: WebsocketScope) -> Credentials:
+    """The sign-in the upgrade request carries; anything over its bound is left for the verifier to refuse."""
+    query = scope.get("query_string", b"")
+    tokens = parse_qs(query.decode("latin-1"), max_num_fields=8).get("token") if query else None
+    token = tokens[0][: TOKEN_MAX_BYTES + 1] if tokens else None
+    alb_data = None
+    for key, value in scope["headers"]:
+        if key.lower() == b"x-amzn-oidc-data":
+            alb_data = value[: ALB_DATA_MAX_BYTES + 1].decode("latin-1")
+    return Credentials(token=token, alb_data=alb_data)
 
 
 def origin_allowed(headers: Iterable[tuple[bytes, bytes]], allowed: frozenset[str]) -> bool:
@@ -77,11 +90,13 @@ class ChatSocketRoute:
             await _refuse(send, 429, HttpError.TOO_MANY_SOCKETS, "Too many chat sockets from your address; close some.")
             return
         try:
-            await self._chat(address, receive, send)
+            await self._chat(scope, address, receive, send)
         finally:
             replica.sockets.closed(address)
 
-    async def _chat(self, address: str, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    async def _chat(
+        self, scope: WebsocketScope, address: str, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         replica = self.replica
         settings = replica.settings
         await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
@@ -94,7 +109,16 @@ class ChatSocketRoute:
             outbox_limit_bytes=settings.outbox_limit_bytes,
             on_overflow=rooms.remove,
         )
-        session = Session(connection, rooms, replica.broker, settings, address=address, allowances=replica.allowances)
+        session = Session(
+            connection,
+            rooms,
+            replica.broker,
+            settings,
+            address=address,
+            allowances=replica.allowances,
+            signin=replica.signin,
+            credentials=credentials(scope),
+        )
         replica.opened(connection)
         try:
             while True:
