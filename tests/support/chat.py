@@ -136,9 +136,13 @@ class ChatClient:
         timeout: float = 15,
         *,
         token: str | None = None,
+        moderator: str | None = None,
     ) -> Obj:
-        """Joins as `name`, with its token from this run's jar (support/names.py) unless one is given."""
+        """Joins as `name`, with its token from this run's jar (support/names.py) unless one is given; as a
+        moderator with a moderator's token."""
         frame: Obj = {"type": "join", "name": name}
+        if moderator is not None:
+            frame["moderator"] = moderator
         if room is not None:
             frame["room"] = room
         if since is not None:
@@ -230,6 +234,7 @@ async def client_on(
     since: str | None = None,
     origin: str | None = None,
     attempts: int = 40,
+    moderator: str | None = None,
 ) -> ChatClient:
     """A joined client (resuming after `since`, when given) on the given replica (or on any, for None). nginx sends a
     new socket to the replica with the fewest, so sockets that land elsewhere stay open until one lands right, then
@@ -238,7 +243,7 @@ async def client_on(
     try:
         for _ in range(attempts):
             client = await ChatClient.open(url, origin=origin)
-            await client.join(name, room, since=since)
+            await client.join(name, room, since=since, moderator=moderator)
             if replica is None or client.replica == replica:
                 return client
             others.append(client)

@@ -4,6 +4,7 @@ or on the Redis Cluster of the `cluster` profile (docker-compose.cluster.yml); t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
@@ -157,6 +158,8 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     cluster: bool = False  # on the Redis Cluster (the `cluster` profile) rather than the single Redis
     ha: bool = False  # on a primary and a replica under Sentinel (the `ha` profile)
+    # A moderator's token for this stack (its digest is the stack's MODERATOR_TOKENS), made for the session.
+    moderator_token: str = ""
 
     @property
     def base_url(self) -> str:
@@ -423,8 +426,10 @@ def running_stack(*, cluster: bool = False, ha: bool = False) -> Iterator[Stack]
             },
             cluster=cluster,
             ha=ha,
+            moderator_token=os.environ.get(f"{variable}_MODERATOR_TOKEN", ""),
         )
         return
+    moderator_token = secrets.token_urlsafe(32)
     project = f"chat-test-{'cluster-' if cluster else 'ha-' if ha else ''}{secrets.token_hex(3)}"
     stack = Stack(
         project=project,
@@ -435,9 +440,11 @@ def running_stack(*, cluster: bool = False, ha: bool = False) -> Iterator[Stack]
             "REDIS_PASSWORD": secrets.token_hex(16),
             # Images of their own: another test session building other sources at the same time is not mixed in.
             "IMAGE_TAG": project,
+            "MODERATOR_TOKENS": hashlib.sha256(moderator_token.encode()).hexdigest(),
         },
         cluster=cluster,
         ha=ha,
+        moderator_token=moderator_token,
     )
     stack.env["HTTP_PORT"] = str(stack.http_port)
     compose = DockerCompose(

@@ -12,8 +12,8 @@ import jwt
 import pytest
 
 from infinite_chat import Settings, create_app
-from infinite_chat.config import Secret
 from infinite_chat.broker import MemoryBroker
+from infinite_chat.config import Secret
 from infinite_chat.names import Claims, NameTaken, TooManyNames, fold, new_token, token_hash
 from support.asgi import AsgiSocket
 from support.chat import ChatClient

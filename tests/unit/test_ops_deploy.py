@@ -34,6 +34,8 @@ LEFT_TO_DEFAULTS = {
     "REDIS_SENTINEL_MASTER": "the same: only with REDIS_SENTINELS",
     # Signing in (docs/sign-in.md): off unless configured, and the join does not use it yet.
     "AUTH_MODE": "defaults to names (owned names): nobody signs in until a deployment chooses jwt or alb",
+    "MODERATOR_TOKENS": "no moderators until the operator adds their digests (or AUTH_MODERATOR_CLAIM when signed in)",
+    "MODERATOR_TOKENS_FILE": "no moderators until the operator adds their digests (a file of them)",
     "AUTH_JWT_SECRET": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
     "AUTH_JWT_SECRET_FILE": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",
     "AUTH_JWKS_FILE": "only with AUTH_MODE jwt or alb; AUTH_MODE defaults to names",

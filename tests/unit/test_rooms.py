@@ -15,6 +15,7 @@ from infinite_chat.config import Settings
 from infinite_chat.protocol import CloseCode, message_body, parse_message_id
 from infinite_chat.rooms import Rooms, Stage
 from infinite_chat.session import Session
+from infinite_chat.signin import SignIn
 from support.chat import eventually
 from support.peer import Peer, outbox, settle
 
@@ -130,7 +131,13 @@ async def test_a_join_reads_its_history_only_once_the_replica_hears_the_room() -
     sink = Peer()
     connection = outbox(sink)
     session = Session(
-        connection, rooms, broker, broker.settings, address="198.18.0.1", allowances=Allowances(broker, 1 << 20)
+        connection,
+        rooms,
+        broker,
+        broker.settings,
+        address="198.18.0.1",
+        allowances=Allowances(broker, 1 << 20),
+        signin=SignIn(broker.settings),
     )
     await session.handle(json.dumps({"type": "join", "name": "alice", "room": "lobby"}))
     await settle()

@@ -148,6 +148,34 @@ def create_app(settings: Settings | None = None) -> Quart:
             )
         )
 
+    @app.get("/api/moderation/log")
+    async def moderation_log() -> Response:
+        # A moderator's token (or, signed in, the sign-in that makes one) as a bearer token; the ALB's header.
+        authorization = request.headers.get("Authorization", "")
+        bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else None
+        try:
+            moderator = await replica.moderator_of(bearer, request.headers.get("x-amzn-oidc-data"))
+        except BrokerUnavailable:
+            return json_response({"error": HttpError.UNAVAILABLE, "detail": "Try again in a moment."}, 503)
+        if moderator is None:
+            detail = "Send a moderator's token: Authorization: Bearer <token>."
+            return json_response({"error": HttpError.UNAUTHORIZED, "detail": detail}, 401)
+        if not moderator:
+            return json_response({"error": HttpError.NOT_MODERATOR, "detail": "Only moderators can read this."}, 403)
+        limit = _limit(request.args.get("limit", str(API_LIMIT_MAX)))
+        if limit is None:
+            return _bad_request(HttpError.INVALID_LIMIT, LIMIT_RULE)
+        before = request.args.get("before")
+        if before is not None and not MESSAGE_ID_PATTERN.fullmatch(before):
+            return _bad_request(HttpError.INVALID_BEFORE, "before must be an entry id, as in an entry's id field.")
+        try:
+            # One more than asked tells whether there is more further back.
+            found = await replica.broker.audit_log(limit + 1, before)
+        except BrokerUnavailable:
+            return json_response({"error": HttpError.UNAVAILABLE, "detail": "Try again in a moment."}, 503)
+        entries = [orjson.Fragment(b'{"id":"' + entry_id.encode() + b'",' + body[1:]) for entry_id, body in found]
+        return json_response(orjson.dumps({"entries": entries[:limit], "more": len(found) > limit}))
+
     @app.get("/api/rooms/<room>/online")
     async def room_online(room: str) -> Response:
         if not ROOM_PATTERN.fullmatch(room):

@@ -138,6 +138,9 @@ class Settings:
     auth_alb_arn: str | None = None
     auth_alb_region: str | None = None
     auth_alb_keys_url: str = ALB_KEYS_URL
+    # The SHA-256 (hex) of each moderator token (scripts/moderator-token makes one): a join carrying a token whose
+    # hash is here is a moderator's. Hashes, so that the configuration never holds what a moderator shows.
+    moderator_tokens: frozenset[str] = frozenset()
 
     @property
     def presence_refresh(self) -> float:
@@ -214,6 +217,7 @@ class Settings:
             auth_alb_arn=env.get("AUTH_ALB_ARN", "").strip() or None,
             auth_alb_region=env.get("AUTH_ALB_REGION", "").strip().lower() or None,
             auth_alb_keys_url=env.get("AUTH_ALB_KEYS_URL", "").strip() or defaults.auth_alb_keys_url,
+            moderator_tokens=_token_hashes(_secret(env, "MODERATOR_TOKENS")),
         )
         settings.check_outbox_holds_a_welcome()
         settings.check_sign_in()
@@ -295,6 +299,18 @@ def _password(env: Mapping[str, str]) -> str:
         except OSError as error:
             raise ConfigError(f"REDIS_PASSWORD_FILE={path} cannot be read: {error.strerror}") from None
     return env.get("REDIS_PASSWORD", "")
+
+
+def _token_hashes(raw: str) -> frozenset[str]:
+    """Hex SHA-256 digests, separated by commas or whitespace (a file may hold one a line, with # comments)."""
+    lines = [line.split("#", 1)[0] for line in raw.splitlines()]
+    hashes = frozenset(item.lower() for item in " ".join(lines).replace(",", " ").split())
+    for item in hashes:
+        if len(item) != 64 or any(char not in "0123456789abcdef" for char in item):
+            raise ConfigError(
+                "MODERATOR_TOKENS holds SHA-256 digests (64 hex digits each): see scripts/moderator-token"
+            )
+    return hashes
 
 
 def _secret(env: Mapping[str, str], name: str) -> str:

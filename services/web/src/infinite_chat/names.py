@@ -32,6 +32,7 @@ class Claim(StrEnum):
     OWNED = "owned"  # the name is this token's already
     TAKEN = "taken"  # the name is someone else's
     FREE = "free"  # only asked, not claimed: nobody holds it
+    BANNED = "banned"  # a moderator banned it from the whole chat
 
 
 def new_token() -> str:
@@ -98,6 +99,14 @@ class NameTaken(Exception):
     """The name (as folded) is held by another token."""
 
 
+class NameBanned(Exception):
+    """The name is banned from the whole chat until `until` (ms since the epoch; broker.FOREVER)."""
+
+    def __init__(self, until: int) -> None:
+        super().__init__(until)
+        self.until = until
+
+
 class TooManyNames(Exception):
     """The address has claimed as many new names as it may this hour."""
 
@@ -115,17 +124,20 @@ class Claims:
     async def claim(self, name: str, token: str | None, address: str, *, issue: bool = True) -> tuple[str, str]:
         """The name as claimed and its token, for a join offering `token` (or none): the name is the token's
         already, or it was free and is a new token's now (with `issue`; without, the offered token's: a signed-in
-        person's). A new name is charged to the address (TooManyNames); NameTaken when it is someone else's."""
+        person's). A new name is charged to the address (TooManyNames); NameTaken when it is someone else's;
+        NameBanned when a moderator banned it from the chat."""
         folded = fold(name)
         offered = token_hash(token) if token else ""
         fresh = new_token() if issue or not token else token
         # A returning name costs one call; only a name nobody holds is charged to the address and then claimed.
-        verdict, held = await self.broker.claim(folded, name, offered, token_hash(fresh), take=False)
+        verdict, held, banned = await self.broker.claim(folded, name, offered, token_hash(fresh), take=False)
         if verdict is Claim.FREE:
             refusal = await self.broker.charge(address, 0, new_room=False, new_name=True)
             if refusal is not None:
                 raise TooManyNames(refusal.retry_after_ms)
-            verdict, held = await self.broker.claim(folded, name, offered, token_hash(fresh), take=True)
+            verdict, held, banned = await self.broker.claim(folded, name, offered, token_hash(fresh), take=True)
+        if verdict is Claim.BANNED:
+            raise NameBanned(banned)
         if verdict is Claim.CLAIMED:
             return held, fresh
         if verdict is Claim.OWNED and token is not None:

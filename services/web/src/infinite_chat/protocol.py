@@ -19,6 +19,11 @@ TEXT_MAX = 2000
 REF_MAX = 64
 # A join's token: a name's claim token, or a signed-in deployment's JWT (which can be long); longer is refused unread.
 TOKEN_MAX = 8192
+# Moderation: the longest mute or timed ban (30 days; a ban may also be for good), the slowest slow mode (an hour
+# between one person's messages), and a moderator's reason.
+MODERATION_SECONDS_MAX = 30 * 86_400
+SLOW_SECONDS_MAX = 3_600
+REASON_MAX = 200
 # Names a message lists as mentioned (`@name`), at most.
 MENTIONS_MAX = 20
 # The reactions there are: a fixed set, so that a message's reactions are bounded and every client can show them.
@@ -87,6 +92,12 @@ class ErrorCode(StrEnum):
     # Signing in (AUTH_MODE jwt or alb).
     SIGN_IN_REQUIRED = "sign_in_required"
     INVALID_TOKEN = "invalid_token"
+    # Moderation.
+    NOT_MODERATOR = "not_moderator"
+    INVALID_MODERATION = "invalid_moderation"
+    MUTED = "muted"
+    BANNED = "banned"
+    SLOW_MODE = "slow_mode"
 
 
 class CloseCode(IntEnum):
@@ -99,6 +110,7 @@ class CloseCode(IntEnum):
     TOO_BIG = 1009
     RESTARTING = 1012
     TRY_AGAIN = 1013
+    BANNED = 4003  # a moderator banned this name from the room or from the chat
 
 
 class HttpError(StrEnum):
@@ -114,6 +126,9 @@ class HttpError(StrEnum):
     FORBIDDEN_ORIGIN = "forbidden_origin"
     DRAINING = "draining"
     TOO_MANY_SOCKETS = "too_many_sockets"
+    # The audit log (GET /api/moderation/log): no moderator's credentials, or someone else's.
+    UNAUTHORIZED = "unauthorized"
+    NOT_MODERATOR = "not_moderator"
     # nginx's own, past its per-address limits (services/nginx/nginx.conf).
     TOO_MANY_REQUESTS = "too_many_requests"
 
@@ -134,6 +149,8 @@ class Join:
     room: str
     since: str | None
     token: str | None = None
+    # A moderator token (MODERATOR_TOKENS), in a deployment where names are owned without signing in.
+    moderator: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +193,8 @@ class Delete:
     kind: ClassVar[Change] = Change.DELETE
     target: str
     ref: str | None
+    # A moderator's reason, shown with the tombstone of someone else's message.
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +206,40 @@ class React:
     ref: str | None
 
 
-ClientFrame = Join | Say | Typing | Edit | Delete | React | Release
+class Scope(StrEnum):
+    ROOM = "room"
+    CHAT = "chat"
+
+
+@dataclass(frozen=True, slots=True)
+class Mute:
+    """A moderator stops a name from saying, editing or reacting in the room, for `seconds` (0: no longer)."""
+
+    name: str
+    seconds: int
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """A moderator bans a name from the room or from the whole chat, for `seconds` (None: for good; 0: no longer)."""
+
+    name: str
+    seconds: int | None
+    scope: Scope
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Slow:
+    """A moderator lets each person in the room send one message per `seconds` (0: off)."""
+
+    seconds: int
+    reason: str | None
+
+
+Moderation = Mute | Ban | Slow
+ClientFrame = Join | Say | Typing | Edit | Delete | React | Release | Mute | Ban | Slow
 
 
 MessageId = tuple[int, int]
@@ -246,7 +298,18 @@ def parse_client_frame(data: str | bytes) -> ClientFrame:
         return Edit(_parse_target(obj, ref), _parse_text(obj, ref), ref)
     if kind == "delete":
         ref = _parse_ref(obj)
-        return Delete(_parse_target(obj, ref), ref)
+        return Delete(_parse_target(obj, ref), ref, _parse_reason(obj))
+    if kind == "mute":
+        return Mute(_parse_name(obj), _parse_seconds(obj, MODERATION_SECONDS_MAX), _parse_reason(obj))
+    if kind == "ban":
+        scope = obj.get("scope", Scope.ROOM.value)
+        if scope not in (Scope.ROOM.value, Scope.CHAT.value):
+            raise ProtocolError(ErrorCode.INVALID_MODERATION, 'A ban\'s "scope" is "room" or "chat".')
+        forever = obj.get("seconds") is None
+        seconds = None if forever else _parse_seconds(obj, MODERATION_SECONDS_MAX)
+        return Ban(_parse_name(obj), seconds, Scope(scope), _parse_reason(obj))
+    if kind == "slow":
+        return Slow(_parse_seconds(obj, SLOW_SECONDS_MAX), _parse_reason(obj))
     if kind == "react":
         ref = _parse_ref(obj)
         target = _parse_target(obj, ref)
@@ -257,7 +320,7 @@ def parse_client_frame(data: str | bytes) -> ClientFrame:
         return React(target, emoji, on, ref)
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,
-        'The "type" must be "join", "say", "typing", "edit", "delete", "react" or "release".',
+        'The "type" must be "join", "say", "typing", "edit", "delete", "react", "release", "mute", "ban" or "slow".',
         _ref_if_valid(obj),
     )
 
@@ -272,7 +335,29 @@ def _parse_join(obj: dict[str, object]) -> Join:
     since = obj.get("since")
     if since is not None and not isinstance(since, str):
         raise ProtocolError(ErrorCode.INVALID_SINCE, '"since" must be the id of a message, as a string.')
-    return Join(name=name, room=room, since=since or None, token=_parse_token(obj))
+    moderator = obj.get("moderator")
+    if moderator is not None and not (isinstance(moderator, str) and len(moderator) <= TOKEN_MAX):
+        raise ProtocolError(ErrorCode.INVALID_TOKEN, f'"moderator" must be a string of at most {TOKEN_MAX} characters.')
+    return Join(name=name, room=room, since=since or None, token=_parse_token(obj), moderator=moderator or None)
+
+
+def _parse_seconds(obj: dict[str, object], most: int) -> int:
+    seconds = obj.get("seconds")
+    # bool is an int in Python: true is not a duration.
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 <= seconds <= most:
+        raise ProtocolError(ErrorCode.INVALID_MODERATION, f'"seconds" must be a whole number from 0 to {most}.')
+    return seconds
+
+
+def _parse_reason(obj: dict[str, object]) -> str | None:
+    reason = obj.get("reason")
+    if reason is None or reason == "":
+        return None
+    if not isinstance(reason, str) or len(reason) > REASON_MAX or text_problem(reason.strip()) is not None:
+        raise ProtocolError(
+            ErrorCode.INVALID_MODERATION, f'A "reason" is a text of at most {REASON_MAX} characters, or none.'
+        )
+    return reason.strip() or None
 
 
 def _parse_token(obj: dict[str, object]) -> str | None:
@@ -366,6 +451,8 @@ def change_body(room: str, name: str, change: Edit | Delete | React) -> bytes:
     elif isinstance(change, React):
         fields["emoji"] = change.emoji
         fields["on"] = change.on
+    elif change.reason is not None:
+        fields["reason"] = change.reason
     if change.ref is not None:
         fields["ref"] = change.ref
     return orjson.dumps(fields)[1:]
@@ -396,6 +483,7 @@ class Changes:
     edit_body: bytes | None = None
     deleted_id: str | None = None
     reactions: Sequence[tuple[str, Sequence[str]]] = ()  # each emoji, in the order first used, and who, in order
+    moderated: bool = False  # the deletion was a moderator's, of someone else's message
 
 
 def message_as_now(message_id: str, body: bytes, changes: Changes) -> bytes:
@@ -405,6 +493,8 @@ def message_as_now(message_id: str, body: bytes, changes: Changes) -> bytes:
         for field in ("text", "mentions"):
             fields.pop(field, None)
         fields["deleted"] = id_time(changes.deleted_id)
+        if changes.moderated:
+            fields["moderated"] = True
         return message_frame(message_id, orjson.dumps(fields)[1:])
     if changes.edit_id is not None and changes.edit_body is not None:
         edit = orjson.loads(b"{" + changes.edit_body)
@@ -455,6 +545,9 @@ def welcome_frame(
     online_count: int,
     resumed: bool,
     token: str | None,
+    moderator: bool = False,
+    muted_until: str | None = None,
+    slow_seconds: int = 0,
 ) -> bytes:
     frame: dict[str, object] = {
         "type": "welcome",
@@ -469,7 +562,38 @@ def welcome_frame(
     }
     if token is not None:
         frame["token"] = token
+    # The room's rules for this member, only when they apply: most welcomes have none.
+    if moderator:
+        frame["moderator"] = True
+    if muted_until is not None:
+        frame["muted_until"] = muted_until
+    if slow_seconds:
+        frame["slow_seconds"] = slow_seconds
     return orjson.dumps(frame)
+
+
+def moderation_frame(
+    action: str, *, room: str, name: str | None, seconds: int | None, until: str | None, by: str, reason: str | None
+) -> bytes:
+    """A moderator's rule for a room (or the chat), as the room's members see it: `action` is "mute", "ban",
+    "ban_chat" or "slow"; `seconds` 0 lifts it; `until` None with seconds None is for good."""
+    return orjson.dumps(
+        {
+            "type": "moderation",
+            "action": action,
+            "room": room,
+            "name": name,
+            "seconds": seconds,
+            "until": until,
+            "by": by,
+            "reason": reason,
+        }
+    )
+
+
+def millis_time(millis: int) -> str:
+    """Milliseconds since the epoch, written as every `ts` is."""
+    return id_time(f"{millis}-0")
 
 
 def released_frame(name: str) -> bytes:

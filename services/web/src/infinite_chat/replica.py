@@ -16,9 +16,10 @@ from .allowances import Allowances
 from .broker import Broker, BrokerUnavailable, open_broker
 from .config import Settings
 from .connection import Connection, Flusher
-from .protocol import CloseCode
+from .moderation import is_moderator_token
+from .protocol import CloseCode, ErrorCode
 from .rooms import Rooms
-from .signin import SignIn
+from .signin import SignIn, SignInRefused
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,20 @@ class Replica:
             raise RuntimeError("the replica has not started")
         return self._allowances
 
+    async def moderator_of(self, token: str | None, alb_data: str | None) -> bool | None:
+        """Whether the bearer of these credentials is a moderator; None when they prove nobody (none, or invalid)."""
+        if self.settings.auth_mode == "names":
+            if not token:
+                return None
+            return True if is_moderator_token(self.settings, token) else None
+        try:
+            signed_in = await self.signin.identify(token=token, alb_data=alb_data)
+        except SignInRefused as refused:
+            if refused.code is ErrorCode.UNAVAILABLE:
+                raise BrokerUnavailable(refused.detail) from None
+            return None
+        return None if signed_in is None else signed_in.moderator
+
     @property
     def signin(self) -> SignIn:
         if self._signin is None:
@@ -71,6 +86,7 @@ class Replica:
         self._tasks = [
             asyncio.create_task(_forever("fan_out", self._rooms.fan_out)),
             asyncio.create_task(_forever("keep_presence", self._rooms.keep_presence)),
+            asyncio.create_task(_forever("watch_bans", self._rooms.watch_bans)),
         ]
         try:
             # Before the first client: a room's old history must be where its first join reads.

@@ -15,15 +15,21 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Collection, Iterator
 
-from .broker import Broker, BrokerUnavailable, Delivery, TypingNotice, presence_entry
+from .broker import Broker, BrokerUnavailable, Delivery, ModerationNotice, TypingNotice, presence_entry
 from .config import Settings
 from .connection import Connection
+from .names import fold
 from .protocol import CloseCode, MessageId
 from .typists import Typists
 
 log = logging.getLogger(__name__)
+
+
+# How often a replica looks for names banned from the whole chat: a ban closes their sockets within about this.
+BANS_LOOK_EVERY = 0.5
 
 
 class Stage(enum.Enum):
@@ -35,12 +41,14 @@ class Stage(enum.Enum):
 class Member:
     """One connection in one room, under one name."""
 
-    __slots__ = ("connection", "held", "held_bytes", "joined_at", "name", "room", "stage")
+    __slots__ = ("connection", "folded", "held", "held_bytes", "joined_at", "name", "room", "stage")
 
     def __init__(self, connection: Connection, room: str, name: str) -> None:
         self.connection = connection
         self.room = room
         self.name = name
+        # The name as claims and moderators' rules know it (names.fold).
+        self.folded = fold(name)
         self.stage = Stage.JOINING
         self.held: list[Delivery] = []
         self.held_bytes = 0
@@ -253,8 +261,43 @@ class Rooms:
             if isinstance(item, TypingNotice):
                 if item.room in self._rooms:
                     self.typists.heard(item)
+            elif isinstance(item, ModerationNotice):
+                self.moderated(item)
             else:
                 self.deliver(item)
+
+    def moderated(self, notice: ModerationNotice) -> None:
+        """A moderator's rule: the room's members here are told, and a banned name's sockets here are closed (after
+        the notice, so that they learn why)."""
+        self.deliver(Delivery(notice.room, None, notice.frame))
+        room = self._rooms.get(notice.room)
+        if notice.closes and room is not None:
+            for member in [member for member in room.members.values() if member.folded == notice.folded]:
+                self._ban(member)
+
+    def close_named(self, folded: str) -> None:
+        """A name banned from the chat: its sockets here, in every room, are closed."""
+        for member in [member for member in self._members.values() if member.folded == folded]:
+            self._ban(member)
+
+    def _ban(self, member: Member) -> None:
+        member.connection.close(CloseCode.BANNED, "banned by a moderator")
+        self.remove(member.connection)
+
+    async def watch_bans(self) -> None:
+        """Forever: names banned from the whole chat (on any replica) have their sockets here closed within about
+        BANS_LOOK_EVERY. A look is one small read; the clocks of the replicas may differ by a little, so the first
+        look reaches a few seconds back, and a name closed twice is closed once."""
+        since = int(time.time() * 1000) - 5_000
+        while True:
+            await asyncio.sleep(BANS_LOOK_EVERY)
+            try:
+                found = await self.broker.bans_since(since)
+            except BrokerUnavailable:
+                continue
+            for folded, at in found:
+                self.close_named(folded)
+                since = max(since, at)
 
     async def keep_presence(self) -> None:
         """Renews presence of this replica's members before it expires, which also lets names whose replica died

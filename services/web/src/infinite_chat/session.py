@@ -8,18 +8,30 @@ import contextlib
 import logging
 import time
 
-from . import metrics
+from . import metrics, moderation
 from .allowances import Allowances
-from .broker import Broker, BrokerUnavailable, ChangeRefused, Delivery, NotConfirmed, Online, QuotaRefusal
+from .broker import (
+    FOREVER,
+    Broker,
+    BrokerUnavailable,
+    ChangeRefused,
+    Delivery,
+    NotConfirmed,
+    Online,
+    QuotaRefusal,
+    Refused,
+    Rules,
+)
 from .config import Settings
 from .connection import Connection
-from .names import Claims, NameTaken, TooManyNames, fold
+from .names import Claims, NameBanned, NameTaken, TooManyNames, fold
 from .protocol import (
     CloseCode,
     Delete,
     Edit,
     ErrorCode,
     Join,
+    Moderation,
     ProtocolError,
     React,
     Release,
@@ -28,6 +40,7 @@ from .protocol import (
     change_body,
     error_frame,
     message_body,
+    millis_time,
     parse_client_frame,
     parse_message_id,
     released_frame,
@@ -78,6 +91,8 @@ class Session:
         # clients may create it meanwhile; then the address is charged a room it did not create, once.
         self.room_is_new = False
         self.typed_at = float("-inf")
+        # Set by the join: a moderator's token, or a sign-in that says so.
+        self.moderator = False
 
     async def handle(self, data: str | bytes) -> None:
         if self.connection.closing:
@@ -92,6 +107,8 @@ class Session:
                 self._typing()
             elif isinstance(command, Release):
                 await self._release(command)
+            elif isinstance(command, Moderation):
+                await self._moderate(command)
             else:
                 await self._change(command)
         except ProtocolError as error:
@@ -115,6 +132,14 @@ class Session:
             )
         except SignInRefused as refused:
             raise ProtocolError(refused.code, refused.detail) from None
+        if signed_in is not None:
+            moderator = signed_in.moderator
+        elif join.moderator is not None:
+            if not moderation.is_moderator_token(self.settings, join.moderator):
+                raise ProtocolError(ErrorCode.INVALID_TOKEN, "That is not a moderator token of this chat.")
+            moderator = True
+        else:
+            moderator = False
         try:
             if signed_in is None:
                 name, token = await self.claims.claim(join.name, join.token, self.address)
@@ -130,6 +155,9 @@ class Session:
                 "That name is someone else's here (names are kept for whoever claimed them first). Pick another, "
                 "or join with the name's token.",
             ) from None
+        except NameBanned as banned:
+            self._refuse_banned("This name is banned from the chat", banned.until)
+            return
         except TooManyNames as refused:
             detail = "Your address has claimed too many new names this hour. Use a name you have, or wait."
             self._refuse(ProtocolError(ErrorCode.TOO_MANY_NAMES, detail), retry_after_ms=refused.retry_after_ms)
@@ -138,6 +166,16 @@ class Session:
             self._refuse(ProtocolError(ErrorCode.UNAVAILABLE, "The chat is unavailable for a moment; reconnecting."))
             connection.close(CloseCode.TRY_AGAIN, "storage unavailable")
             return
+        try:
+            rules = await self.broker.rules(join.room, fold(name))
+        except BrokerUnavailable:
+            self._refuse(ProtocolError(ErrorCode.UNAVAILABLE, "The chat is unavailable for a moment; reconnecting."))
+            connection.close(CloseCode.TRY_AGAIN, "storage unavailable")
+            return
+        if rules.banned_until is not None:
+            self._refuse_banned("This name is banned from this room", rules.banned_until)
+            return
+        self.moderator = moderator
         member = self.member = self.rooms.enter(join.room, connection, name)
         try:
             await self.rooms.hear(member)
@@ -151,7 +189,7 @@ class Session:
             return
         joined_at = history[-1].id if history else (parse_message_id(join.since) if resumed and join.since else None)
         self.room_is_new = joined_at is None
-        welcome = self._welcome(join, name, token, online, [d.frame for d in history], resumed)
+        welcome = self._welcome(join, name, token, online, [d.frame for d in history], resumed, rules)
         self.rooms.welcome(member, welcome, joined_at)
         metrics.JOINS.inc()
         if resumed:
@@ -180,7 +218,14 @@ class Session:
         return recent[start:], False
 
     def _welcome(
-        self, join: Join, name: str, token: str | None, online: Online, history: list[bytes], resumed: bool
+        self,
+        join: Join,
+        name: str,
+        token: str | None,
+        online: Online,
+        history: list[bytes],
+        resumed: bool,
+        rules: Rules,
     ) -> bytes:
         return welcome_frame(
             replica=self.settings.replica_name,
@@ -191,7 +236,38 @@ class Session:
             online_count=online.count,
             resumed=resumed,
             token=token,
+            moderator=self.moderator,
+            muted_until=None if rules.muted_until is None else millis_time(rules.muted_until),
+            slow_seconds=rules.slow_seconds,
         )
+
+    def _refuse_banned(self, what: str, until: int) -> None:
+        wait = None if until == FOREVER else max(1, until - int(time.time() * 1000))
+        when = "for good" if wait is None else f"until {millis_time(until)}"
+        self._refuse(ProtocolError(ErrorCode.BANNED, f"{what} {when}."), retry_after_ms=wait)
+
+    def _refuse_held_back(self, refused: Refused, ref: str | None) -> None:
+        """A say or change that the room's rules hold back (muted, slow mode)."""
+        wait = moderation.wait_text(refused.retry_after_ms)
+        if refused.code is ErrorCode.MUTED:
+            detail = f"A moderator muted you in this room, {wait}."
+        else:
+            detail = f"Slow mode: you may send your next message here {wait}."
+        retry = None if refused.retry_after_ms == FOREVER else max(1, refused.retry_after_ms)
+        self._refuse(ProtocolError(refused.code, detail, ref), retry_after_ms=retry)
+
+    async def _moderate(self, action: Moderation) -> None:
+        member = self._joined(None)
+        if not self.moderator:
+            raise ProtocolError(ErrorCode.NOT_MODERATOR, "Only moderators can do that.")
+        if not self._within_rate(None):
+            return
+        try:
+            await moderation.act(self.broker, member.room, member.name, action)
+        except BrokerUnavailable:
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE, "Not done: the chat cannot reach its storage. Try again."
+            ) from None
 
     def _may_try_a_name(self) -> bool:
         """A join or a release costs Redis a call or three, and a taken name may be tried again and again: a
@@ -258,8 +334,21 @@ class Session:
                 self._refuse(_quota_error(refusal, change.ref), retry_after_ms=refusal.retry_after_ms)
                 return
             await self.broker.change(
-                member.room, change.kind, change.target, body, name=member.name, emoji=emoji, on=on
+                member.room,
+                change.kind,
+                change.target,
+                body,
+                name=member.name,
+                emoji=emoji,
+                on=on,
+                folded=member.folded,
+                moderator=self.moderator,
             )
+            if self.moderator and isinstance(change, Delete):
+                await moderation.audit_delete(self.broker, member.room, member.name, change)
+        except Refused as refused:
+            self._refuse_held_back(refused, change.ref)
+            return
         except ChangeRefused as refused:
             raise ProtocolError(refused.code, _CHANGE_REFUSED[refused.code], change.ref) from None
         except NotConfirmed:
@@ -282,7 +371,12 @@ class Session:
             if refusal is not None:
                 self._refuse(_quota_error(refusal, say.ref), retry_after_ms=refusal.retry_after_ms)
                 return
-            appended = await self.broker.append(member.room, body, name=member.name, ref=say.ref)
+            appended = await self.broker.append(
+                member.room, body, name=member.name, ref=say.ref, folded=member.folded, moderator=self.moderator
+            )
+        except Refused as refused:
+            self._refuse_held_back(refused, say.ref)
+            return
         except NotConfirmed:
             # Stored, but a failover now could lose it: not shown to anyone yet, and the sender may not count on it.
             detail = "Not confirmed: the chat could not make sure your message is kept. Send it again (same ref)."

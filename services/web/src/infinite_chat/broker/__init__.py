@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..config import Settings
 from .base import (
+    FOREVER,
     Appended,
     Broker,
     BrokerUnavailable,
@@ -12,11 +13,15 @@ from .base import (
     Delivery,
     Log,
     LogRead,
+    Moderation,
+    ModerationNotice,
     NotConfirmed,
     Online,
     Presence,
     QuotaRefusal,
     Quotas,
+    Refused,
+    Rules,
     TypingNotice,
     change_delivery,
     message_delivery,
@@ -26,6 +31,7 @@ from .memory import MemoryBroker
 from .redis import RedisBroker
 
 __all__ = [
+    "FOREVER",
     "Appended",
     "Broker",
     "BrokerUnavailable",
@@ -34,12 +40,16 @@ __all__ = [
     "Log",
     "LogRead",
     "MemoryBroker",
+    "Moderation",
+    "ModerationNotice",
     "NotConfirmed",
     "Online",
     "Presence",
     "QuotaRefusal",
     "Quotas",
     "RedisBroker",
+    "Refused",
+    "Rules",
     "TypingNotice",
     "change_delivery",
     "message_delivery",

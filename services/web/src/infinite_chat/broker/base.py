@@ -135,19 +135,34 @@ class Log(ABC):
     """Each room's log, and the fan-out of what is appended to it."""
 
     @abstractmethod
-    async def append(self, room: str, body: bytes, *, name: str, ref: str | None) -> Appended:
+    async def append(
+        self, room: str, body: bytes, *, name: str, ref: str | None, folded: str = "", moderator: bool = False
+    ) -> Appended:
         """Stores a message and publishes it, in one atomic step, unless a say with the same name and ref was stored
         within the retry window: then nothing is stored, and the answer is that message. Returns once the message is
-        as safe as the policy asks (REDIS_CONFIRM_REPLICAS), else raises NotConfirmed."""
+        as safe as the policy asks (REDIS_CONFIRM_REPLICAS), else raises NotConfirmed. Raises Refused when the
+        room's rules hold the sender (`folded`) back: muted, or slow mode (not a moderator)."""
 
     @abstractmethod
     async def change(
-        self, room: str, kind: Change, target: str, body: bytes, *, name: str, emoji: str = "", on: bool = True
+        self,
+        room: str,
+        kind: Change,
+        target: str,
+        body: bytes,
+        *,
+        name: str,
+        emoji: str = "",
+        on: bool = True,
+        folded: str = "",
+        moderator: bool = False,
     ) -> str:
         """Edits, deletes or reacts to message `target` (as `name`), checked against its state and the rules (one's
         own message; the edit window; REACTIONS_PER_MESSAGE), records it in the message's state and appends it to the
         log after the message, published like a message and confirmed as one. Returns the change's id; raises
-        ChangeRefused with the reason, NO_CHANGE when the message is as asked already (confirmed like a change)."""
+        ChangeRefused with the reason, NO_CHANGE when the message is as asked already (confirmed like a change);
+        Refused when `folded` is muted (an edit or reaction). A moderator is not held back, and may delete anyone's
+        message: the deletion is marked "moderated"."""
 
     @abstractmethod
     async def recent(self, room: str, limit: int, before: str | None = None) -> list[Delivery]:
@@ -180,10 +195,10 @@ class Log(ABC):
         """Tells every replica hearing the room that these names are typing (a TypingNotice); not stored."""
 
     @abstractmethod
-    def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice]:
-        """Everything published in the subscribed rooms (messages, changes, presence events and typing notices), each
-        room in its order,
-        forever. After each (re)subscription, and before the next delivery of the rooms it made, it awaits
+    def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice | ModerationNotice]:
+        """Everything published in the subscribed rooms (messages, changes, presence events, typing notices and
+        moderators' rules), each room in its order, forever. After each (re)subscription, and before the next
+        delivery of the rooms it made, it awaits
         `on_subscribed` with those rooms, which is where a replica fetches what they missed."""
 
 
@@ -277,22 +292,91 @@ class Quotas(ABC):
         address's allowance; a refusal takes nothing."""
 
 
+# A ban (or mute) until a moderator lifts it; also how the scripts write it.
+FOREVER = -1
+# Moderators' actions the audit log keeps, at least (the newest).
+AUDIT_RETAIN = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What a room's moderators decided for one name, as of now (milliseconds since the epoch; FOREVER)."""
+
+    banned_until: int | None = None
+    muted_until: int | None = None
+    slow_seconds: int = 0
+
+
+class Refused(Exception):
+    """A message or change that the room's rules hold back: MUTED or SLOW_MODE, and when it may be sent (ms from
+    now; FOREVER for a mute until lifted)."""
+
+    def __init__(self, code: ErrorCode, retry_after_ms: int) -> None:
+        super().__init__(code)
+        self.code = code
+        self.retry_after_ms = retry_after_ms
+
+
+@dataclass(frozen=True, slots=True)
+class ModerationNotice:
+    """A moderator's rule, published to a room's members: `frame` for them, whom it is about, and whether that name's
+    sockets in the room are closed (a ban)."""
+
+    room: str
+    folded: str
+    closes: bool
+    frame: bytes
+
+
+class Moderation(ABC):
+    """Moderators' rules, kept in Redis and enforced by every replica: per room (mutes, bans, slow mode; the scripts
+    that store messages and changes check them), per chat (bans, on the name's claim), and the audit log."""
+
+    @abstractmethod
+    async def rules(self, room: str, folded: str) -> Rules:
+        """The room's rules that hold for this name now (a join's check, and its welcome)."""
+
+    @abstractmethod
+    async def moderate(self, room: str, rule: str, folded: str, value: int, frame: bytes, *, closes: bool) -> None:
+        """Sets one rule of the room ("mute" and "ban": until when, FOREVER; "slow": seconds; 0 lifts it; "" sets
+        nothing) and publishes `frame` to the room's members on every replica, in one step; with `closes`, every
+        replica closes the name's sockets in the room."""
+
+    @abstractmethod
+    async def ban_everywhere(self, folded: str, until: int) -> None:
+        """Bans the name from the whole chat until then (FOREVER; 0 lifts it), and lists it for every replica's
+        look at new bans (`bans_since`)."""
+
+    @abstractmethod
+    async def bans_since(self, millis: int) -> list[tuple[str, int]]:
+        """Names banned from the chat after `millis` (a replica's last look), and when, oldest first."""
+
+    @abstractmethod
+    async def audit(self, entry: bytes) -> str:
+        """Keeps a moderator's action (JSON) in the audit log; its id."""
+
+    @abstractmethod
+    async def audit_log(self, limit: int, before: str | None) -> list[tuple[str, bytes]]:
+        """Up to `limit` actions older than `before` (or the newest), newest first."""
+
+
 class Names(ABC):
     """Who holds each claimed name (names.py), by its folded form and the SHA-256 of its token; a claim lasts
     NAME_IDLE_DAYS after the last join that used it."""
 
     @abstractmethod
-    async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str]:
-        """Whether the name is `offered`'s (OWNED, and its idle time starts again), someone else's (TAKEN), or free:
-        then with `take` it becomes `new`'s under the spelling `name` (CLAIMED), without, it is only reported (FREE).
-        Also returns the name as claimed (its first spelling), or `name` when it is free."""
+    async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str, int]:
+        """Whether the name is `offered`'s (OWNED, and its idle time starts again), someone else's (TAKEN), banned
+        from the chat (BANNED), or free: then with `take` it becomes `new`'s under the spelling `name` (CLAIMED),
+        without, it is only reported (FREE). Also returns the name as claimed (its first spelling), or `name` when it
+        is free; and until when it is banned (ms; FOREVER), else 0."""
 
     @abstractmethod
     async def release(self, folded: str, offered: str) -> bool:
         """Gives the name up, if it is `offered`'s (or nobody's); False when it is someone else's."""
 
 
-class Broker(Log, Presence, Quotas, Names):
+class Broker(Log, Presence, Quotas, Names, Moderation):
     """The shared state as one replica sees it."""
 
     @abstractmethod

@@ -73,6 +73,18 @@ def quota_key(address: str) -> str:
     return f"chat:address:{address}:quota"
 
 
+def rules_keys(room: str) -> list[str]:
+    """A room's moderation (moderation.lua): its rules (mutes, bans, slow mode), and each name's last message while
+    slow mode is on."""
+    return [f"chat:{{{room}}}:rules", f"chat:{{{room}}}:spoke"]
+
+
+# Names banned from the whole chat, scored by when (ms): what every replica looks at twice a second to close their
+# sockets. And the audit log of every moderator's action (a stream). One key each, for the whole chat.
+BANS_KEY = "chat:bans"
+AUDIT_KEY = "chat:audit"
+
+
 def name_key(folded: str) -> str:
     """A claimed name (claim.lua), under its folded form (names.fold); one key, so any slot will do."""
     return f"chat:name:{folded}"

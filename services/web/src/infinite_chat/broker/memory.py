@@ -28,6 +28,8 @@ from ..protocol import (
     presence_frame,
 )
 from .base import (
+    AUDIT_RETAIN,
+    FOREVER,
     QUOTA_WINDOW_MS,
     RECENT_SCAN,
     Appended,
@@ -35,9 +37,12 @@ from .base import (
     ChangeRefused,
     Delivery,
     LogRead,
+    ModerationNotice,
     Online,
     OnSubscribed,
     QuotaRefusal,
+    Refused,
+    Rules,
     TypingNotice,
     change_delivery,
     message_delivery,
@@ -162,9 +167,23 @@ class _State:
     edit_body: bytes | None = None
     deleted_id: str | None = None
     reactions: list[tuple[str, list[str]]] = field(default_factory=list)
+    moderated: bool = False
 
     def changes(self) -> Changes:
-        return Changes(self.edit_id, self.edit_body, self.deleted_id, [(e, list(n)) for e, n in self.reactions])
+        return Changes(
+            self.edit_id, self.edit_body, self.deleted_id, [(e, list(n)) for e, n in self.reactions], self.moderated
+        )
+
+
+@dataclass(slots=True)
+class _Room:
+    """What moderation.lua keeps of a room: names muted and banned until when (ms; FOREVER), slow mode, and when
+    each name last spoke while it is on."""
+
+    muted: dict[str, int] = field(default_factory=dict)
+    banned: dict[str, int] = field(default_factory=dict)
+    slow: int = 0
+    spoke: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -184,6 +203,7 @@ class _Claim:
     token: str
     name: str
     until: float
+    banned: int = 0  # from the whole chat, until when (ms; FOREVER)
 
 
 class MemoryBroker(Broker):
@@ -196,8 +216,11 @@ class MemoryBroker(Broker):
         self._room_presence: dict[str, _RoomPresence] = {}
         self._allowances: dict[str, _Allowance] = {}
         self._claims: dict[str, _Claim] = {}
+        self._moderated: dict[str, _Room] = {}
+        self._bans: list[tuple[str, int]] = []
+        self._audit: list[tuple[str, bytes]] = []
         self._refs: dict[str, _Refs] = {}
-        self._listeners: set[asyncio.Queue[Delivery | TypingNotice]] = set()
+        self._listeners: set[asyncio.Queue[Delivery | TypingNotice | ModerationNotice]] = set()
         self._heard: set[str] = set()
         self._last: MessageId = (0, 0)
 
@@ -207,8 +230,10 @@ class MemoryBroker(Broker):
     async def ping(self) -> None:
         pass
 
-    async def append(self, room: str, body: bytes, *, name: str, ref: str | None) -> Appended:
-        # append.lua, in Python: the same retry windows.
+    async def append(
+        self, room: str, body: bytes, *, name: str, ref: str | None, folded: str = "", moderator: bool = False
+    ) -> Appended:
+        # append.lua, in Python: the same retry windows, the same rules.
         refs = self._refs.setdefault(room, _Refs())
         key = retry_field(name, ref) if ref is not None else None
         if key is not None:
@@ -217,6 +242,15 @@ class MemoryBroker(Broker):
                 stored = [entry for entry in self._logs.get(room, []) if entry.id == known]
                 repeat = message_delivery(room, known, stored[0].body) if stored else None
                 return Appended(known, repeat, retried=True)
+        rules = self._moderated.get(room)
+        if rules is not None and not moderator:
+            now = time.time() * 1000
+            self._refuse_if_muted(rules, folded, now)
+            if rules.slow:
+                last = rules.spoke.get(folded)
+                if last is not None and now - last < rules.slow * 1000:
+                    raise Refused(ErrorCode.SLOW_MODE, math.ceil(rules.slow * 1000 - (now - last)))
+                rules.spoke[folded] = now
         message_id = self._add(room, body, None)
         if key is not None:
             refs.keep(key, message_id, time.monotonic(), self.settings.retry_window)
@@ -237,20 +271,38 @@ class MemoryBroker(Broker):
         return entry_id
 
     async def change(
-        self, room: str, kind: Change, target: str, body: bytes, *, name: str, emoji: str = "", on: bool = True
+        self,
+        room: str,
+        kind: Change,
+        target: str,
+        body: bytes,
+        *,
+        name: str,
+        emoji: str = "",
+        on: bool = True,
+        folded: str = "",
+        moderator: bool = False,
     ) -> str:
         # change.lua, in Python: the same checks in the same order, the same state.
+        rules = self._moderated.get(room)
+        if rules is not None and kind is not Change.DELETE and not moderator:
+            self._refuse_if_muted(rules, folded, time.time() * 1000)
         found = [entry for entry in self._logs.get(room, []) if entry.id == target and entry.kind is None]
         if not found:
             raise ChangeRefused(ErrorCode.UNKNOWN_MESSAGE)
         message = orjson.loads(b"{" + found[0].body)
+        moderated = False
         if kind in (Change.EDIT, Change.DELETE) and message["name"] != name:
-            raise ChangeRefused(ErrorCode.NOT_YOURS)
+            if kind is Change.EDIT or not moderator:
+                raise ChangeRefused(ErrorCode.NOT_YOURS)
+            moderated = True
         states = self._states.setdefault(room, {})
         state = states.get(target, _State())
         if kind is Change.DELETE:
             if state.deleted_id is not None:
                 raise ChangeRefused(ErrorCode.NO_CHANGE)
+            if moderated:
+                body = body[:-1] + b',"moderated":true}'
         elif state.deleted_id is not None:
             raise ChangeRefused(ErrorCode.MESSAGE_DELETED)
         elif kind is Change.EDIT:
@@ -281,7 +333,7 @@ class MemoryBroker(Broker):
         if kind is Change.EDIT:
             state.edit_id, state.edit_body = entry_id, body
         elif kind is Change.DELETE:
-            state = _State(deleted_id=entry_id)
+            state = _State(deleted_id=entry_id, moderated=moderated)
         if state == _State():
             states.pop(target, None)
         else:
@@ -365,30 +417,74 @@ class MemoryBroker(Broker):
         self._allowances[address] = left
         return None
 
-    async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str]:
-        # claim.lua, in Python.
+    async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str, int]:
+        # claim.lua, in Python (a claim that is only a ban has no token).
         now = time.monotonic()
         idle = self.settings.name_idle_days * 86_400
         held = self._claims.get(folded)
-        if held is not None and held.until > now:
+        if held is not None and _holds(held.banned, time.time() * 1000):
+            return Claim.BANNED, held.name or name, held.banned
+        if held is not None and held.token and held.until > now:
             if offered and held.token == offered:
                 held.until = now + idle
-                return Claim.OWNED, held.name
-            return Claim.TAKEN, held.name
+                return Claim.OWNED, held.name, 0
+            return Claim.TAKEN, held.name, 0
         if not take:
-            return Claim.FREE, name
+            return Claim.FREE, name, 0
         self._claims[folded] = _Claim(new, name, now + idle)
-        return Claim.CLAIMED, name
+        return Claim.CLAIMED, name, 0
 
     async def release(self, folded: str, offered: str) -> bool:
         held = self._claims.get(folded)
-        if held is None or held.until <= time.monotonic():
-            self._claims.pop(folded, None)
+        if held is None or not held.token or held.until <= time.monotonic():
             return True
         if held.token != offered:
             return False
-        del self._claims[folded]
+        held.token, held.name = "", ""
         return True
+
+    async def rules(self, room: str, folded: str) -> Rules:
+        rules = self._moderated.get(room, _Room())
+        now = time.time() * 1000
+        banned, muted = rules.banned.get(folded, 0), rules.muted.get(folded, 0)
+        return Rules(banned if _holds(banned, now) else None, muted if _holds(muted, now) else None, rules.slow)
+
+    async def moderate(self, room: str, rule: str, folded: str, value: int, frame: bytes, *, closes: bool) -> None:
+        rules = self._moderated.setdefault(room, _Room())
+        if rule in ("mute", "ban"):
+            kept = rules.muted if rule == "mute" else rules.banned
+            if value == 0:
+                kept.pop(folded, None)
+            else:
+                kept[folded] = value
+        elif rule == "slow":
+            rules.slow = value
+            rules.spoke.clear()
+        self._publish(ModerationNotice(room, folded, closes, frame))
+
+    async def ban_everywhere(self, folded: str, until: int) -> None:
+        held = self._claims.setdefault(folded, _Claim("", "", 0.0))
+        held.banned = until
+        if until != 0:
+            self._bans.append((folded, int(time.time() * 1000)))
+
+    async def bans_since(self, millis: int) -> list[tuple[str, int]]:
+        return [(folded, at) for folded, at in self._bans if at > millis]
+
+    async def audit(self, entry: bytes) -> str:
+        entry_id = f"{int(time.time() * 1000)}-{len(self._audit)}"
+        self._audit.append((entry_id, entry))
+        del self._audit[:-AUDIT_RETAIN]
+        return entry_id
+
+    async def audit_log(self, limit: int, before: str | None) -> list[tuple[str, bytes]]:
+        older = [item for item in self._audit if before is None or _older(item[0], before)]
+        return older[::-1][:limit]
+
+    def _refuse_if_muted(self, rules: _Room, folded: str, now: float) -> None:
+        muted = rules.muted.get(folded, 0)
+        if _holds(muted, now):
+            raise Refused(ErrorCode.MUTED, FOREVER if muted == FOREVER else math.ceil(muted - now))
 
     async def _presence_call(
         self, action: str, room: str, entries: Sequence[str], *, after: str | None, limit: int
@@ -459,7 +555,7 @@ class MemoryBroker(Broker):
         state.reads = 0
         self._publish(Delivery(room, None, frame))
 
-    def _publish(self, delivery: Delivery | TypingNotice) -> None:
+    def _publish(self, delivery: Delivery | TypingNotice | ModerationNotice) -> None:
         if delivery.room not in self._heard:
             return
         for queue in self._listeners:
@@ -474,8 +570,8 @@ class MemoryBroker(Broker):
     def subscribed(self) -> set[str]:
         return set(self._heard)
 
-    async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice]:
-        queue: asyncio.Queue[Delivery | TypingNotice] = asyncio.Queue()
+    async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice | ModerationNotice]:
+        queue: asyncio.Queue[Delivery | TypingNotice | ModerationNotice] = asyncio.Queue()
         self._listeners.add(queue)
         try:
             await on_subscribed(set(self._heard))
@@ -487,3 +583,12 @@ class MemoryBroker(Broker):
 
 def _name_of(entry: str) -> str:
     return entry.partition("|")[2]
+
+
+def _holds(until: int, now: float) -> bool:
+    """Whether a rule set until `until` (ms; FOREVER; 0: none) still holds."""
+    return until == FOREVER or until > now
+
+
+def _older(entry_id: str, than: str) -> bool:
+    return (parse_message_id(entry_id) or (0, 0)) < (parse_message_id(than) or (0, 0))

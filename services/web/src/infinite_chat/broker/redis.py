@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Sequence
 from importlib.resources import files
 from typing import Any
@@ -42,6 +43,8 @@ from ..protocol import (
     presence_frame,
 )
 from .base import (
+    AUDIT_RETAIN,
+    FOREVER,
     LOG_PAGE,
     QUOTA_WINDOW_MS,
     RECENT_SCAN,
@@ -51,16 +54,21 @@ from .base import (
     ChangeRefused,
     Delivery,
     LogRead,
+    ModerationNotice,
     NotConfirmed,
     Online,
     OnSubscribed,
     QuotaRefusal,
+    Refused,
+    Rules,
     TypingNotice,
     change_delivery,
     message_delivery,
 )
 from .confirmations import Confirmed
 from .keys import (
+    AUDIT_KEY,
+    BANS_KEY,
     changes_keys,
     channel_key,
     confirmed_key,
@@ -71,6 +79,7 @@ from .keys import (
     quota_key,
     retry_field,
     retry_keys,
+    rules_keys,
 )
 from .subscriptions import REDIS_FAILURES, ClusterTopology, OneServer, Subscriptions, Topology
 
@@ -196,6 +205,8 @@ class RedisBroker(Broker):
         self._presence_script = self.redis.register_script(_script("presence.lua"))
         self._quota = self.redis.register_script(_script("quota.lua"))
         self._claim = self.redis.register_script(_script("claim.lua"))
+        self._moderation = self.redis.register_script(_script("moderation.lua"))
+        self._ban = self.redis.register_script(_script("ban.lua"))
         self._release = self.redis.register_script(_script("release.lua"))
         self._idle_seconds = settings.room_idle_days * 86_400
 
@@ -232,9 +243,11 @@ class RedisBroker(Broker):
         except REDIS_FAILURES as error:  # TimeoutError is an OSError
             raise _unavailable(error) from None
 
-    async def append(self, room: str, body: bytes, *, name: str, ref: str | None) -> Appended:
+    async def append(
+        self, room: str, body: bytes, *, name: str, ref: str | None, folded: str = "", moderator: bool = False
+    ) -> Appended:
         settings = self.settings
-        keys = [log_key(room), confirmed_key(room), *retry_keys(room)]
+        keys = [log_key(room), confirmed_key(room), *retry_keys(room), *rules_keys(room)]
         args: list[bytes | str | int] = [
             body,
             settings.retain,
@@ -244,27 +257,42 @@ class RedisBroker(Broker):
             "" if ref is None else retry_field(name, ref),
             settings.retry_window * 1000,
             1 if self._confirming else 0,
+            folded,
+            1 if moderator else 0,
         ]
         try:
             await self._discover()
             if self._confirming:
                 reply, replicas = await self._run_on_primary(room, self._append, keys, args)
-                await self._confirmed(room, reply[0], replicas)
+                if reply[0] is not None:
+                    await self._confirmed(room, reply[0], replicas)
             else:
                 reply = await self._append(keys=keys, args=args)
         except REDIS_FAILURES as error:
             raise _unavailable(error) from None
         message_id, retried, stored = reply
+        if message_id is None:
+            raise Refused(ErrorCode(retried.decode()), int(stored))
         message_id = message_id.decode()
         if not retried:
             return Appended(message_id)
         return Appended(message_id, None if stored is None else message_delivery(room, message_id, stored), True)
 
     async def change(
-        self, room: str, kind: Change, target: str, body: bytes, *, name: str, emoji: str = "", on: bool = True
+        self,
+        room: str,
+        kind: Change,
+        target: str,
+        body: bytes,
+        *,
+        name: str,
+        emoji: str = "",
+        on: bool = True,
+        folded: str = "",
+        moderator: bool = False,
     ) -> str:
         settings = self.settings
-        keys = [log_key(room), confirmed_key(room), *changes_keys(room)]
+        keys = [log_key(room), confirmed_key(room), *changes_keys(room), rules_keys(room)[0]]
         args: list[bytes | str | int] = [
             kind.value,
             target,
@@ -279,17 +307,22 @@ class RedisBroker(Broker):
             emoji,
             1 if on else 0,
             REACTIONS_PER_MESSAGE,
+            folded,
+            1 if moderator else 0,
         ]
         try:
             await self._discover()
             if self._confirming:
-                (entry_id, verdict), replicas = await self._run_on_primary(room, self._change, keys, args)
-                if entry_id is not None:  # made, or as asked already (then the log's newest entry is confirmed)
-                    await self._confirmed(room, entry_id, replicas)
+                reply, replicas = await self._run_on_primary(room, self._change, keys, args)
+                if reply[0] is not None:  # made, or as asked already (then the log's newest entry is confirmed)
+                    await self._confirmed(room, reply[0], replicas)
             else:
-                entry_id, verdict = await self._change(keys=keys, args=args)
+                reply = await self._change(keys=keys, args=args)
         except REDIS_FAILURES as error:
             raise _unavailable(error) from None
+        entry_id, verdict = reply[0], reply[1]
+        if verdict == b"muted":
+            raise Refused(ErrorCode.MUTED, int(reply[2]))
         if verdict != b"ok":
             raise ChangeRefused(ErrorCode(verdict.decode()))
         return str(entry_id.decode())
@@ -458,16 +491,70 @@ class RedisBroker(Broker):
             return None
         return QuotaRefusal(ErrorCode(verdict.decode()), max(1, int(wait)))
 
-    async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str]:
+    async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str, int]:
         try:
             await self._discover()
-            verdict, held = await self._claim(
+            verdict, held, banned = await self._claim(
                 keys=[name_key(folded)],
                 args=[offered, new, name, self.settings.name_idle_days * 86_400, 1 if take else 0],
             )
         except REDIS_FAILURES as error:
             raise _unavailable(error) from None
-        return Claim(verdict.decode()), held.decode()
+        return Claim(verdict.decode()), held.decode(), int(banned)
+
+    async def rules(self, room: str, folded: str) -> Rules:
+        try:
+            await self._discover()
+            found: Any = await self.redis.hmget(rules_keys(room)[0], [f"b:{folded}", f"m:{folded}", "slow"])
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+        banned, muted, slow = found
+        return _rules_now(banned, muted, slow)
+
+    async def moderate(self, room: str, rule: str, folded: str, value: int, frame: bytes, *, closes: bool) -> None:
+        field = {"mute": f"m:{folded}", "ban": f"b:{folded}", "slow": "slow"}.get(rule, "")
+        payload = f"{room}\n\nmoderation\n{1 if closes else 0}\n{folded}\n".encode() + frame
+        try:
+            await self._discover()
+            await self._moderation(keys=rules_keys(room), args=[field, value, channel_key(room), payload])
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+
+    async def ban_everywhere(self, folded: str, until: int) -> None:
+        try:
+            await self._discover()
+            await self._ban(keys=[name_key(folded)], args=[until, self.settings.name_idle_days * 86_400])
+            if until != 0:
+                now = int(time.time() * 1000)
+                await self.redis.zadd(BANS_KEY, {folded: now})
+                # Only the last hour's: a replica looks twice a second, and one that was away catches up on joins.
+                await self.redis.zremrangebyscore(BANS_KEY, "-inf", now - 3_600_000)
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+
+    async def bans_since(self, millis: int) -> list[tuple[str, int]]:
+        try:
+            await self._discover()
+            found: Any = await self.redis.zrangebyscore(BANS_KEY, f"({millis}", "+inf", withscores=True)
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+        return [(folded.decode(), int(at)) for folded, at in found]
+
+    async def audit(self, entry: bytes) -> str:
+        try:
+            await self._discover()
+            entry_id: Any = await self.redis.xadd(AUDIT_KEY, {"b": entry}, maxlen=AUDIT_RETAIN, approximate=True)
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+        return str(entry_id.decode())
+
+    async def audit_log(self, limit: int, before: str | None) -> list[tuple[str, bytes]]:
+        try:
+            await self._discover()
+            found: Any = await self.redis.xrevrange(AUDIT_KEY, f"({before}" if before else "+", "-", count=limit)
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+        return [(entry_id.decode(), fields[b"b"]) for entry_id, fields in found]
 
     async def release(self, folded: str, offered: str) -> bool:
         try:
@@ -512,7 +599,7 @@ class RedisBroker(Broker):
     def subscribed(self) -> set[str]:
         return set(self.subscriptions.heard)
 
-    def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice]:
+    def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice | ModerationNotice]:
         return self.subscriptions.listen(on_subscribed)
 
     async def check_policy(self) -> None:
@@ -584,7 +671,8 @@ def _deliveries(room: str, entries: Any, changes: dict[bytes, Changes]) -> list[
 
 
 def _parse_changes(state: bytes) -> Changes:
-    """A message's state as change.lua keeps it: {"e": edit id, "x": its body, "d": deletion id, "r": reactions}."""
+    """A message's state as change.lua keeps it: {"e": edit id, "x": its body, "d": deletion id, "m": moderated,
+    "r": reactions}."""
     fields = orjson.loads(state)
     edit_body = fields.get("x")
     return Changes(
@@ -592,17 +680,32 @@ def _parse_changes(state: bytes) -> Changes:
         edit_body=None if edit_body is None else edit_body.encode(),
         deleted_id=fields.get("d"),
         reactions=[(emoji, names) for emoji, names in fields.get("r", [])],
+        moderated=bool(fields.get("m")),
     )
+
+
+def _rules_now(banned: bytes | None, muted: bytes | None, slow: bytes | None) -> Rules:
+    """A room's rules for a name as stored (until when, in ms; FOREVER), without those that have run out."""
+    now = time.time() * 1000
+
+    def holding(until: bytes | None) -> int | None:
+        if until is None:
+            return None
+        value = int(until)
+        return value if value == FOREVER or value > now else None
+
+    return Rules(holding(banned), holding(muted), int(slow) if slow else 0)
 
 
 def _typing_payload(room: str, names: Sequence[str]) -> bytes:
     return f"{room}\n\ntyping\n".encode() + orjson.dumps(list(names))
 
 
-def _parse_published(data: bytes) -> Delivery | Confirmed | TypingNotice:
+def _parse_published(data: bytes) -> Delivery | Confirmed | TypingNotice | ModerationNotice:
     """What the scripts publish: "<room>\n<id>\n<body>" for a message (append.lua; a body starts with a quote),
     "<room>\n<id>\n<change>\n<body>" for a change to one (change.lua), "<room>\n\nconfirmed\n<id>" for a
-    confirmation, "<room>\n\ntyping\n<names>" for a typing notice, and
+    confirmation, "<room>\n\ntyping\n<names>" for a typing notice, "<room>\n\nmoderation\n<closes: 0 or 1>\n
+    <folded name>\n<frame>" for a moderator's rule (moderation.lua), and
     "<room>\n\n<event>\n<name>\n<count>\n<truncated>\n<joined>\n<left>" for a presence event (the lists as
     JSON)."""
     room, message_id, rest = data.split(b"\n", 2)
@@ -611,6 +714,9 @@ def _parse_published(data: bytes) -> Delivery | Confirmed | TypingNotice:
             return message_delivery(room.decode(), message_id, rest)
         kind, body = rest.split(b"\n", 1)
         return change_delivery(room.decode(), message_id, kind, body)
+    if rest.startswith(b"moderation\n"):
+        _, closes, folded, frame = rest.split(b"\n", 3)
+        return ModerationNotice(room.decode(), folded.decode(), closes == b"1", frame)
     if rest.startswith(b"typing\n"):
         return TypingNotice(room.decode(), tuple(orjson.loads(rest[len(b"typing\n") :])))
     if rest.startswith(b"confirmed\n"):

@@ -28,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from .. import metrics
-from .base import BrokerUnavailable, Delivery, OnSubscribed, TypingNotice
+from .base import BrokerUnavailable, Delivery, ModerationNotice, OnSubscribed, TypingNotice
 from .confirmations import Confirmed, Unconfirmed
 from .keys import channel_key, is_listening_key, listening_key, room_of_channel, slot_of
 
@@ -236,7 +236,7 @@ class Subscriptions:
     def __init__(
         self,
         topology: Topology,
-        parse: Callable[[bytes], Delivery | Confirmed | TypingNotice],
+        parse: Callable[[bytes], Delivery | Confirmed | TypingNotice | ModerationNotice],
         *,
         holding: bool = False,
     ) -> None:
@@ -248,7 +248,7 @@ class Subscriptions:
         # Each room asked for, and whether Redis has confirmed its subscription (set) or not yet (a new future).
         self.heard: dict[str, asyncio.Future[None]] = {}
         self._shards: dict[str, Shard] = {}
-        self._queue: asyncio.Queue[Delivery | TypingNotice] = asyncio.Queue(QUEUE_LIMIT)
+        self._queue: asyncio.Queue[Delivery | TypingNotice | ModerationNotice] = asyncio.Queue(QUEUE_LIMIT)
         self._on_subscribed: OnSubscribed | None = None
 
     async def subscribe(self, room: str) -> None:
@@ -276,7 +276,7 @@ class Subscriptions:
             if room in shard.rooms:
                 await shard.remove(room)
 
-    async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice]:
+    async def listen(self, on_subscribed: OnSubscribed) -> AsyncIterator[Delivery | TypingNotice | ModerationNotice]:
         self._on_subscribed = on_subscribed
         backoff = Backoff()
         while True:
@@ -339,7 +339,7 @@ class Subscriptions:
         if self._on_subscribed is not None:
             await self._on_subscribed(rooms)
 
-    async def deliver(self, item: Delivery | Confirmed | TypingNotice) -> None:
+    async def deliver(self, item: Delivery | Confirmed | TypingNotice | ModerationNotice) -> None:
         if isinstance(item, Confirmed):
             released, overflowed = self.unconfirmed.release(item)
             if overflowed:
@@ -450,7 +450,7 @@ class Shard:
                 # Read the confirmations, and only then catch up on the logs, so that nothing published is lost.
                 # (Redis confirms the channels of an SSUBSCRIBE before anything published on them; whatever else
                 # comes first is kept for after the catch-up, where it is dropped if the catch-up had it.)
-                early: list[Delivery | Confirmed | TypingNotice] = []
+                early: list[Delivery | Confirmed | TypingNotice | ModerationNotice] = []
                 deadline = asyncio.get_running_loop().time() + 2 * SUBSCRIBE_TIMEOUT
                 while waiting:
                     reply = await pubsub.get_message(timeout=1.0)

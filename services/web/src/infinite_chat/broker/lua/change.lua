@@ -5,6 +5,7 @@
 -- KEYS[2]  the room's confirmed position (keys.confirmed_key), kept only when ARGV[9] is "1"
 -- KEYS[3]  the room's changed messages (a hash: message id -> its state as JSON, below)
 -- KEYS[4]  the same messages by time (a sorted set: id scored by its milliseconds), to forget trimmed ones
+-- KEYS[5]  the room's rules (moderation.lua): a muted name may delete its own messages, not edit or react
 -- ARGV[1]  the change: "edit", "delete" or "reaction"
 -- ARGV[2]  the message's id
 -- ARGV[3]  who changes it (the name of the connection)
@@ -17,11 +18,25 @@
 -- ARGV[10] the edit window, in milliseconds
 -- ARGV[11] a reaction's emoji; ARGV[12] "1" to add it, "0" to take it away
 -- ARGV[13] reactions one message may hold
--- A message's state: {"e": latest edit's id, "x": its body, "d": deletion's id, "r": [[emoji, [name, ...]], ...]}.
+-- ARGV[14] the folded name of who changes it, as the rules know it
+-- ARGV[15] "1" for a moderator: not held back by the rules, and may delete anyone's message (marked "moderated")
+-- A message's state: {"e": latest edit's id, "x": its body, "d": deletion's id, "m": 1 when a moderator deleted
+-- someone else's message, "r": [[emoji, [name, ...]], ...]}.
 -- Returns {id, "ok"} for a change made, {newest id of the log, "no_change"} when the message is already as asked,
 -- and {false, code} for a refusal (unknown_message, not_yours, message_deleted, edit_window_closed,
--- too_many_reactions).
+-- too_many_reactions), {false, "muted", milliseconds left (-1: until lifted)} for a muted name.
 local kind, target, name = ARGV[1], ARGV[2], ARGV[3]
+local moderator = ARGV[15] == '1'
+if kind ~= 'delete' and not moderator then
+  local muted = tonumber(redis.call('HGET', KEYS[5], 'm:' .. ARGV[14]))
+  if muted then
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    if muted == -1 or muted > now then
+      return {false, 'muted', muted == -1 and -1 or muted - now}
+    end
+  end
+end
 local found = redis.call('XRANGE', KEYS[1], target, target)
 local entry = found[1]
 -- A message's entry has one field, its body; a change's has its kind too: only messages can be changed.
@@ -29,8 +44,12 @@ if not entry or #entry[2] ~= 2 then
   return {false, 'unknown_message'}
 end
 local message = cjson.decode('{' .. entry[2][2])
+local moderated = false
 if (kind == 'edit' or kind == 'delete') and message.name ~= name then
-  return {false, 'not_yours'}
+  if kind == 'edit' or not moderator then
+    return {false, 'not_yours'}
+  end
+  moderated = true
 end
 local raw = redis.call('HGET', KEYS[3], target)
 local state = raw and cjson.decode(raw) or {}
@@ -46,6 +65,9 @@ local body = ARGV[4]
 if kind == 'delete' then
   if state.d then
     return unchanged()
+  end
+  if moderated then
+    body = string.sub(body, 1, -2) .. ',"moderated":true}'
   end
 elseif state.d then
   return {false, 'message_deleted'}
@@ -107,7 +129,7 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'b', body, '
 if kind == 'edit' then
   state.e, state.x = id, body
 elseif kind == 'delete' then
-  state = {d = id}
+  state = {d = id, m = moderated and 1 or nil}
 end
 if next(state) == nil then
   redis.call('HDEL', KEYS[3], target)

@@ -1,4 +1,4 @@
--- Gives up a claimed name (claim.lua's hash), if the token offered is its own.
+-- Gives up a claimed name (claim.lua's hash), if the token offered is its own; a ban on the name (b) stays.
 -- KEYS[1]  the claim
 -- ARGV[1]  the SHA-256 of the token offered
 -- Returns 1 when the name is free now (released, or nobody's already), 0 when it is someone else's.
@@ -9,5 +9,5 @@ end
 if held ~= ARGV[1] then
   return 0
 end
-redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[1], 't', 'n')
 return 1
