@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import secrets
+from pathlib import Path
 
-from pages import ChatPage, joins_of, navigate
+from pages import PHONE, ChatPage, joins_of, navigate
 from playwright.async_api import Browser, WebSocketRoute, expect
 
 from support.stack import Stack
@@ -105,7 +106,9 @@ async def test_someone_else_taking_the_name_or_a_look_alike_gets_the_form_back_a
     mallory.assert_clean()
 
 
-async def test_a_released_name_is_free_for_the_next_person(browser: Browser, stack: Stack, room: str) -> None:
+async def test_a_released_name_is_free_for_the_next_person(
+    browser: Browser, stack: Stack, room: str, artifacts: Path
+) -> None:
     name = unique("nora")
     nora = await ChatPage.open(browser, stack, name=name, room=room)
     otto = await ChatPage.open(browser, stack, name=unique("otto"), room=room)
@@ -127,6 +130,12 @@ async def test_a_released_name_is_free_for_the_next_person(browser: Browser, sta
     await nora.page.keyboard.press("Escape")
     await expect(confirm).to_be_hidden()
     await release.click()
+    # For the eye: the bar on a desktop in light, and on a phone in dark.
+    await nora.page.screenshot(path=artifacts / "release-desktop.png")
+    await nora.page.set_viewport_size(PHONE)
+    await nora.page.emulate_media(color_scheme="dark")
+    await expect(confirm).to_be_in_viewport()
+    await nora.page.screenshot(path=artifacts / "release-phone-dark.png")
     await nora.page.get_by_role("button", name="Yes, release it").click()
 
     await expect(nora.page.locator("#join-view")).to_be_visible()
