@@ -11,14 +11,10 @@ from pathlib import Path
 from pages import PHONE, ChatPage, joins_of, navigate
 from playwright.async_api import Browser, WebSocketRoute, expect
 
+from support.names import unique
 from support.stack import Stack
 
 CYRILLIC_A = "\u0430"
-
-
-def unique(name: str) -> str:
-    """A name of this test's own: claims outlive a test, and the run shares one stack (at most 32 characters)."""
-    return f"{name}-{secrets.token_hex(3)}"
 
 
 async def refused_as_taken(chat: ChatPage, typed: str) -> None:
