@@ -1071,6 +1071,11 @@ function onError(error) {
     changeError(change, error);
     return;
   }
+  if (chat.releasing && (error.code === "rate_limited" || error.code === "unavailable")) {
+    // The release was not done (too many tries of a name, or storage away); the socket stays as it was.
+    releaseFailed(`Not released: ${error.detail || "try again in a moment."}`);
+    return;
+  }
   switch (error.code) {
     case "name_taken":
       if (chat.releasing) {
