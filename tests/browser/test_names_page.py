@@ -9,7 +9,7 @@ import secrets
 from pathlib import Path
 
 from pages import PHONE, ChatPage, joins_of, navigate
-from playwright.async_api import Browser, WebSocketRoute, expect
+from playwright.async_api import Browser, WebSocket, WebSocketRoute, expect
 
 from support.names import unique
 from support.stack import Stack
@@ -109,8 +109,8 @@ async def test_a_released_name_is_free_for_the_next_person(
     nora = await ChatPage.open(browser, stack, name=name, room=room)
     otto = await ChatPage.open(browser, stack, name=unique("otto"), room=room)
     await otto.move_off(await nora.replica())
-    sockets: list[object] = []
-    nora.page.on("websocket", sockets.append)
+    sockets: list[WebSocket] = []
+    nora.page.on("websocket", lambda socket: sockets.append(socket))
 
     # Asked once more, in the page (no dialog); "Keep it" and Escape keep it.
     release = nora.page.get_by_role("button", name="Release my name")
