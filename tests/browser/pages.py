@@ -1,18 +1,35 @@
 """What the browser tests share: one person's page (ChatPage: what they see, what they do with keyboard, mouse and
 touch), navigation that survives Docker's network changes, a TCP relay that can keep a page away (Gate), and seeding a
-room's history through the protocol."""
+room's history through the protocol.
+
+Names are owned (docs/web-client.md, "Names"), and the whole run shares one stack: a page opened for a name that an
+earlier test (or a system test's client) claimed starts with the claim token the run holds for it (support/names.py),
+as that person's browser would, and a page's welcome puts its token there for the next one."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from playwright.async_api import Browser, ConsoleMessage, Dialog, Locator, Page, ViewportSize, WebSocketRoute, expect
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Dialog,
+    Locator,
+    Page,
+    ViewportSize,
+    WebSocketRoute,
+    expect,
+)
 from playwright.async_api import Error as PlaywrightError
 
+from support import names
 from support.addresses import forwarded
 from support.chat import ChatClient
 from support.stack import Stack
@@ -23,6 +40,33 @@ XSS = "<img src=x onerror=alert(1)>"
 # Chromium aborts loads in flight when the host's network interfaces change, which Docker does whenever a stack
 # (anyone's, on this shared machine) starts or stops. The page retries its own requests; navigations are retried here.
 NETWORK_CHANGED = "net::ERR_NETWORK_CHANGED"
+# Where the page keeps its claim tokens: {name.normalize("NFKC").toLowerCase(): token} (app.js).
+TOKENS_KEY = "infinite-chat:tokens"
+TOKENS = f"""() => {{
+    try {{
+        return JSON.parse(localStorage.getItem({json.dumps(TOKENS_KEY)}) || "{{}}");
+    }} catch {{
+        return {{}};
+    }}
+}}"""
+# Runs before the page's own script, on every load of the context: puts the token in once, so that a reload or a
+# new tab later finds what the page itself kept (a newer token, or none after a release), not the seed again.
+SEED_TOKEN = """([key, name, token]) => {
+    try {
+        if (localStorage.getItem("infinite-chat-test:seeded")) return;
+        localStorage.setItem("infinite-chat-test:seeded", "1");
+        const tokens = JSON.parse(localStorage.getItem(key) || "{}");
+        tokens[name.normalize("NFKC").toLowerCase()] = token;
+        localStorage.setItem(key, JSON.stringify(tokens));
+    } catch {
+        // about:blank and other opaque origins have no storage.
+    }
+}"""
+
+
+async def hold_token(context: BrowserContext, name: str, token: str) -> None:
+    """The context's browser holds `token` for `name` from its first page load on."""
+    await context.add_init_script(f"({SEED_TOKEN})({json.dumps([TOKENS_KEY, name, token])})")
 
 
 async def navigate(page: Page, url: str | None = None) -> None:
@@ -57,37 +101,103 @@ class ChatPage:
         base_url: str | None = None,
         socket_route: Callable[[WebSocketRoute], None] | None = None,
     ) -> ChatPage:
+        """The person's page, joined to `room` as `name` (with the run's token for it, if a claim was made)."""
+        chat = await cls.arrive(
+            browser, stack, name=name, room=room, viewport=viewport, base_url=base_url, socket_route=socket_route
+        )
+        await chat.join()
+        await chat.joined()
+        return chat
+
+    @classmethod
+    async def arrive(
+        cls,
+        browser: Browser,
+        stack: Stack,
+        *,
+        name: str,
+        room: str,
+        viewport: ViewportSize = DESKTOP,
+        base_url: str | None = None,
+        socket_route: Callable[[WebSocketRoute], None] | None = None,
+        token: str | None = None,
+        carry_token: bool = True,
+    ) -> ChatPage:
+        """The person's page at the join form of `room`, not joined yet. Their browser holds `token` for `name`, or
+        else (unless `carry_token` is false: someone else) the token the run holds for it."""
         # Each person of the test from an address of their own, as in life (support/addresses.py).
         context = await browser.new_context(
             viewport=viewport, base_url=base_url or stack.base_url, extra_http_headers=forwarded()
         )
+        held = token if token is not None else names.token_for(name) if carry_token else None
+        if held is not None:
+            await hold_token(context, name, held)
         chat = cls(await context.new_page(), name)
+        if socket_route is not None:
+            await chat.page.route_web_socket("**/ws", socket_route)
+        await navigate(chat.page, f"/#{room}")
+        await expect(chat.page.get_by_label("Room", exact=True)).to_have_value(room)
+        return chat
 
+    def __post_init__(self) -> None:
         async def on_dialog(dialog: Dialog) -> None:
-            chat.dialogs.append(dialog.message)
+            self.dialogs.append(dialog.message)
             await dialog.dismiss()
 
         def on_console(message: ConsoleMessage) -> None:
             # Chromium logs each failed socket attempt while the network is down (the page retries), and loads cut
             # by a network change (the page retries those too); anything else the page logs is a finding.
             if message.type == "error" and not any(noise in message.text for noise in ("WebSocket", NETWORK_CHANGED)):
-                chat.errors.append(message.text)
+                self.errors.append(message.text)
 
-        chat.page.on("dialog", on_dialog)
-        chat.page.on("pageerror", lambda error: chat.errors.append(str(error)))
-        chat.page.on("console", on_console)
-        if socket_route is not None:
-            await chat.page.route_web_socket("**/ws", socket_route)
-        await navigate(chat.page, f"/#{room}")
-        await expect(chat.page.get_by_label("Room", exact=True)).to_have_value(room)
-        await chat.page.get_by_label("Your name", exact=True).fill(name)
-        await chat.page.get_by_role("button", name="Join").click()
-        await chat.wait_online()
-        return chat
+        self.page.on("dialog", on_dialog)
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("console", on_console)
+
+    async def join(self, name: str | None = None) -> None:
+        """Fills in the join form (with `name`, which becomes the page's, or the page's name) and joins; waits for
+        nothing."""
+        if name is not None:
+            self.name = name
+        await self.page.get_by_label("Your name", exact=True).fill(self.name)
+        await self.page.get_by_role("button", name="Join").click()
+
+    async def joined(self) -> None:
+        """Waits for the welcome, and keeps the token it gave for the run's next page or client of this name."""
+        await self.wait_online()
+        token = await self.token()
+        if token is not None:
+            names.remember(self.name, token)
+
+    async def tokens(self) -> dict[str, str]:
+        """The claim tokens the page keeps, by its key of each name."""
+        tokens: dict[str, str] = await self.page.evaluate(TOKENS)
+        return tokens
+
+    async def token(self, name: str | None = None) -> str | None:
+        """The token the page keeps for `name` (by default its own)."""
+        key: str = await self.page.evaluate('name => name.normalize("NFKC").toLowerCase()', name or self.name)
+        return (await self.tokens()).get(key)
+
+    async def tab(self) -> ChatPage:
+        """Another tab of the same browser (same storage: the same name and token), at this page's address; it goes
+        in by itself, as a returning visitor does."""
+        other = type(self)(await self.page.context.new_page(), self.name)
+        await navigate(other.page, self.page.url)
+        await other.joined()
+        return other
 
     @property
     def status(self) -> Locator:
         return self.page.locator("#status")
+
+    @property
+    def name_field(self) -> Locator:
+        return self.page.get_by_label("Your name", exact=True)
+
+    @property
+    def name_error(self) -> Locator:
+        return self.page.locator("#name-error")
 
     @property
     def texts(self) -> Locator:
@@ -251,6 +361,21 @@ class Gate:
         finally:
             sink.close()
             self.writers.discard(sink)
+
+
+def joins_of(page: Page) -> list[dict[str, Any]]:
+    """Every join the page sends, from now on, in order."""
+    joins: list[dict[str, Any]] = []
+
+    def on_socket(socket: Any) -> None:
+        def on_sent(payload: str | bytes) -> None:
+            if isinstance(payload, str) and '"type":"join"' in payload:
+                joins.append(json.loads(payload))
+
+        socket.on("framesent", on_sent)
+
+    page.on("websocket", on_socket)
+    return joins
 
 
 async def seed(stack: Stack, room: str, texts: list[str]) -> None:

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
 
-from pages import PHONE, XSS, ChatPage, Gate, navigate
-from playwright.async_api import Browser, Page, WebSocketRoute, expect
+from pages import PHONE, XSS, ChatPage, Gate, joins_of, navigate
+from playwright.async_api import Browser, WebSocketRoute, expect
 
 from support.chat import ChatClient, Obj
 from support.stack import Stack
@@ -36,21 +35,6 @@ async def said(client: ChatClient, text: str) -> Obj:
     reply = await client.say_and_wait(text, ref=f"s-{len(client.objects)}")
     assert reply["type"] == "message", reply
     return reply
-
-
-def joins_of(page: Page) -> list[dict[str, Any]]:
-    """Every join the page sends, from now on, in order."""
-    joins: list[dict[str, Any]] = []
-
-    def on_socket(socket: Any) -> None:
-        def on_sent(payload: str | bytes) -> None:
-            if isinstance(payload, str) and '"type":"join"' in payload:
-                joins.append(json.loads(payload))
-
-        socket.on("framesent", on_sent)
-
-    page.on("websocket", on_socket)
-    return joins
 
 
 async def test_an_edit_and_a_deletion_on_one_replica_show_on_the_other_and_in_its_history(

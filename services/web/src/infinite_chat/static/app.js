@@ -29,6 +29,8 @@ const CLOSE_SERVICE_RESTART = 1012;
 // can overtake one of an earlier batch that the rate limit sends back.
 const SEND_AHEAD = 10;
 const NAME_KEY = "infinite-chat.name";
+// Owned names: the claim token of each name this browser holds, as JSON {nameKey(name): token} (docs/web-client.md).
+const TOKENS_KEY = "infinite-chat:tokens";
 // Conversation features (docs/protocol.md, "Edit, delete, react" and "typing").
 const EDIT_WINDOW_MS = 900 * 1000; // EDIT_WINDOW_SECONDS
 const REACTIONS = ["👍", "👎", "❤️", "😂", "😮", "😢", "🎉", "🙏", "👀", "🔥", "✅", "🚀"];
@@ -48,6 +50,9 @@ const ui = {
   room: $("room"), roomError: $("room-error"),
   chatView: $("chat-view"), roomTitle: $("room-title"), status: $("status"), statusText: $("status-text"),
   replica: $("replica"), leave: $("leave"), peopleToggle: $("people-toggle"), people: $("people"),
+  joinNote: $("join-note"), release: $("release"), releaseConfirm: $("release-confirm"),
+  releaseQuestion: $("release-question"), releaseYes: $("release-yes"), releaseKeep: $("release-keep"),
+  releaseError: $("release-error"),
   onlineCount: $("online-count"), online: $("online"), onlineMore: $("online-more"),
   log: $("log"), older: $("older"), olderButton: $("older-button"), olderText: $("older-text"),
   messages: $("messages"), pending: $("pending"), pill: $("new-pill"),
@@ -63,7 +68,9 @@ const clientId = Array.from(crypto.getRandomValues(new Uint8Array(6)), (b) => b.
 let refCounter = 0;
 
 const chat = {
-  name: null,
+  name: null, // as typed until the first welcome, then as the server has it claimed (its first spelling)
+  sentToken: null, // the token the last join carried, if any: stale when that join gets name_taken
+  releasing: false, // a `release` of our name is on its way
   room: null,
   generation: 0, // bumped on every room change, so late answers for the old room are dropped
   ws: null,
@@ -158,6 +165,72 @@ function compareIds(a, b) {
   if (ms !== 0n) return ms < 0n ? -1 : 1;
   const seq = BigInt(as) - BigInt(bs);
   return seq === 0n ? 0 : seq < 0n ? -1 : 1;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Owned names: the claim tokens this browser holds. Kept in localStorage, so that a reload, another tab or the next
+// visit joins as the same person; kept in the page too, so that reconnects work where storage is refused.
+
+const pageTokens = {};
+
+function nameKey(name) {
+  return name.normalize("NFKC").toLowerCase();
+}
+
+function storedTokens() {
+  try {
+    const tokens = JSON.parse(localStorage.getItem(TOKENS_KEY) || "{}");
+    return tokens && typeof tokens === "object" && !Array.isArray(tokens) ? tokens : {};
+  } catch {
+    return {}; // refused (private modes) or not JSON: nothing kept
+  }
+}
+
+function saveTokens(tokens) {
+  try {
+    if (Object.keys(tokens).length) localStorage.setItem(TOKENS_KEY, JSON.stringify(tokens));
+    else localStorage.removeItem(TOKENS_KEY);
+  } catch {
+    // Private modes may refuse storage: the page's own copy still serves its reconnects.
+  }
+}
+
+function tokenFor(name) {
+  const key = nameKey(name);
+  // Storage first: another tab may have learnt something newer (or released the name).
+  const token = storedTokens()[key] ?? pageTokens[key];
+  return typeof token === "string" && token ? token : null;
+}
+
+function keepToken(names, token) {
+  const tokens = storedTokens();
+  for (const name of names) {
+    tokens[nameKey(name)] = token;
+    pageTokens[nameKey(name)] = token;
+  }
+  saveTokens(tokens);
+}
+
+function dropToken(token) {
+  // Every key the token is kept under (the typed spelling and the claimed one) goes with it.
+  const tokens = storedTokens();
+  for (const store of [tokens, pageTokens]) {
+    for (const [key, value] of Object.entries(store)) if (value === token) delete store[key];
+  }
+  saveTokens(tokens);
+}
+
+function forgetName() {
+  try {
+    localStorage.removeItem(NAME_KEY);
+  } catch {
+    // Nothing was kept.
+  }
+}
+
+function waitText(ms) {
+  const seconds = Math.max(1, Math.ceil(Number(ms || 0) / 1000));
+  return seconds < 60 ? `${seconds} s` : `${Math.ceil(seconds / 60)} min`;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -638,6 +711,9 @@ function showJoin(message) {
   ui.chatView.hidden = true;
   ui.roomTitle.hidden = true;
   ui.leave.hidden = true;
+  hideRelease();
+  ui.release.hidden = true;
+  ui.joinNote.textContent = "";
   ui.peopleToggle.hidden = true;
   ui.replica.hidden = true;
   setStatus("offline", "Not connected");
@@ -682,11 +758,7 @@ function enterRoom(name, room) {
   for (const item of chat.pending.values()) item.el.remove();
   chat.pending.clear();
   resetConversation();
-  try {
-    localStorage.setItem(NAME_KEY, name);
-  } catch {
-    // Private modes may refuse storage; the name is then asked again next time.
-  }
+  rememberName(name);
   if (location.hash !== `#${room}`) history.replaceState(null, "", `#${room}`);
   chat.unreadHidden = 0;
   chat.mentionsHidden = 0;
@@ -699,10 +771,87 @@ function enterRoom(name, room) {
   ui.joinView.hidden = true;
   ui.chatView.hidden = false;
   ui.leave.hidden = false;
+  hideRelease();
+  ui.release.hidden = !tokenFor(name);
   ui.peopleToggle.hidden = false;
   resetOnline();
   ui.text.focus();
   connect();
+}
+
+function rememberName(name) {
+  try {
+    localStorage.setItem(NAME_KEY, name);
+  } catch {
+    // Private modes may refuse storage; the name is then asked again next time.
+  }
+}
+
+// A join refused: the name is someone else's. Back to the form (no reconnect: it would be refused again), and a
+// token that was sent for it is stale (the claim expired and someone else took the name).
+function nameTaken() {
+  const name = chat.name;
+  if (chat.sentToken) dropToken(chat.sentToken);
+  forgetName();
+  leaveRoom();
+  showFieldError("name", `“${name}” is someone else's name here. Pick another one.`);
+  ui.name.focus();
+}
+
+// Releasing one's name: asked once more in a bar above the conversation (no dialog), then `release` on the joined
+// socket; `released` ends the claim, and the server closes the socket (1000), which is not reconnected.
+function askRelease() {
+  ui.releaseQuestion.textContent = `Release “${chat.name}”? Anyone may then take it, and you leave the room.`;
+  ui.releaseError.textContent = "";
+  ui.releaseYes.disabled = false;
+  ui.releaseYes.textContent = "Yes, release it";
+  ui.releaseConfirm.hidden = false;
+  ui.release.setAttribute("aria-expanded", "true");
+  ui.releaseYes.focus();
+}
+
+function hideRelease() {
+  chat.releasing = false;
+  ui.releaseConfirm.hidden = true;
+  ui.release.setAttribute("aria-expanded", "false");
+}
+
+function sendRelease() {
+  const token = tokenFor(chat.name);
+  const ws = chat.ws;
+  if (!token) {
+    releaseFailed("This page does not hold the name's token, so it cannot release it.");
+    return;
+  }
+  if (!ws || !chat.joined || ws.readyState !== WebSocket.OPEN) {
+    releaseFailed("Not connected: try again once the page says Connected.");
+    return;
+  }
+  chat.releasing = true;
+  chat.sentToken = token;
+  ui.releaseError.textContent = "";
+  ui.releaseYes.disabled = true;
+  ui.releaseYes.textContent = "Releasing…";
+  ws.send(JSON.stringify({ type: "release", name: chat.name, token }));
+}
+
+function releaseFailed(text) {
+  chat.releasing = false;
+  ui.releaseYes.disabled = false;
+  ui.releaseYes.textContent = "Yes, release it";
+  ui.releaseError.textContent = text;
+}
+
+function onReleased(released) {
+  if (!chat.releasing) return;
+  const name = typeof released.name === "string" && released.name ? released.name : chat.name;
+  if (chat.sentToken) dropToken(chat.sentToken);
+  forgetName();
+  // Leaving first, so the server's close after `released` is one we asked for: nothing reconnects.
+  leaveRoom();
+  chat.name = null;
+  ui.name.value = "";
+  ui.joinNote.textContent = `“${name}” is released: it is free now, for anyone. Pick a name to join again.`;
 }
 
 function leaveRoom() {
@@ -740,6 +889,8 @@ function connect() {
   ws.addEventListener("open", () => {
     const join = { type: "join", name: chat.name, room: chat.room };
     if (chat.lastId) join.since = chat.lastId;
+    chat.sentToken = tokenFor(chat.name);
+    if (chat.sentToken) join.token = chat.sentToken;
     ws.send(JSON.stringify(join));
   });
   ws.addEventListener("message", (event) => {
@@ -760,9 +911,10 @@ function connect() {
   });
   ws.addEventListener("close", (event) => {
     clearTimeout(welcomeTimer);
-    if (ws !== chat.ws) return; // closed on purpose (room change, leave)
+    if (ws !== chat.ws) return; // closed on purpose (room change, leave, our name released)
     chat.ws = null;
     chat.joined = false;
+    if (chat.releasing) releaseFailed("Not released: the connection dropped. Try again once connected.");
     requeueSent("Waiting for the connection…");
     // Changes on their way get no answer on this socket: they go again after the next welcome.
     for (const change of chat.changes.values()) change.state = "queued";
@@ -831,6 +983,9 @@ function dispatch(obj) {
     case "error":
       onError(obj);
       break;
+    case "released":
+      onReleased(obj);
+      break;
     default:
       console.warn("infinite-chat: unknown object from the server", obj);
   }
@@ -839,6 +994,13 @@ function dispatch(obj) {
 function onWelcome(welcome) {
   chat.joined = true;
   chat.attempt = 0;
+  // The name as claimed (its first spelling), whichever spelling was typed: it is what the room sees, so own
+  // messages, reactions and mentions are known by it.
+  const typed = chat.name;
+  if (typeof welcome.name === "string" && welcome.name) chat.name = welcome.name;
+  if (typeof welcome.token === "string" && welcome.token) keepToken([typed, chat.name], welcome.token);
+  rememberName(chat.name);
+  ui.release.hidden = !tokenFor(chat.name);
   setStatus("online", "Connected");
   setReplica(String(welcome.replica));
   resetOnline(welcome.online, welcome.online_count);
@@ -909,7 +1071,33 @@ function onError(error) {
     changeError(change, error);
     return;
   }
+  if (chat.releasing && (error.code === "rate_limited" || error.code === "unavailable")) {
+    // The release was not done (too many tries of a name, or storage away); the socket stays as it was.
+    releaseFailed(`Not released: ${error.detail || "try again in a moment."}`);
+    return;
+  }
   switch (error.code) {
+    case "name_taken":
+      if (chat.releasing) {
+        // Our token is not the name's (released or lost elsewhere): the page no longer holds it.
+        const name = chat.name;
+        if (chat.sentToken) dropToken(chat.sentToken);
+        forgetName();
+        leaveRoom();
+        showFieldError("name", `“${name}” is no longer yours here: it was released elsewhere. Pick a name.`);
+        break;
+      }
+      nameTaken();
+      break;
+    case "too_many_names": {
+      forgetName();
+      leaveRoom();
+      showFieldError(
+        "name",
+        `Too many new names were taken from your address this hour: try again in about ${waitText(error.retry_after_ms)}, or join under a name you have used here before.`,
+      );
+      break;
+    }
     case "invalid_name":
       leaveRoom();
       showFieldError("name", error.detail);
@@ -1756,6 +1944,22 @@ ui.olderButton.addEventListener("click", () => {
   loadOlder();
 });
 ui.leave.addEventListener("click", leaveRoom);
+ui.release.addEventListener("click", () => {
+  if (ui.releaseConfirm.hidden) askRelease();
+  else hideRelease();
+});
+ui.releaseYes.addEventListener("click", sendRelease);
+ui.releaseKeep.addEventListener("click", () => {
+  hideRelease();
+  ui.release.focus();
+});
+ui.releaseConfirm.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && !chat.releasing) {
+    event.preventDefault();
+    hideRelease();
+    ui.release.focus();
+  }
+});
 ui.peopleToggle.addEventListener("click", () => {
   const open = ui.peopleToggle.getAttribute("aria-expanded") !== "true";
   ui.peopleToggle.setAttribute("aria-expanded", String(open));
