@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from support.chat import ChatClient, Obj, client_on
-from support.names import unique
+from support.names import token_for, unique
 from support.stack import Stack, room_on
 
 # A moderator's rule reaches the other replica within this (a chat-wide ban: its replicas look twice a second).
@@ -162,7 +162,8 @@ async def test_a_room_ban_closes_the_names_sockets_and_refuses_its_joins_there(
         assert any(o["type"] == "moderation" and o["action"] == "ban" for o in tab.objects)  # told why first
     refused = await ChatClient.open(stack.ws_url)
     start = len(refused.objects)
-    await refused.send({"type": "join", "name": name, "room": room})
+    # The troll itself, with its name's token (without, it is someone else: name_taken comes first).
+    await refused.send({"type": "join", "name": name, "room": room, "token": token_for(name)})
     error = await refused.wait_for(lambda o: o["type"] == "error", start=start)
     assert error["code"] == "banned"
     assert 0 < error["retry_after_ms"] <= 600_000
@@ -199,7 +200,7 @@ async def test_a_chat_ban_closes_the_name_everywhere_and_rules_survive_a_replica
     for _ in range(2):  # nginx sends each new socket to the replica with the fewest: both, in turn
         client = await ChatClient.open(stack.ws_url)
         start = len(client.objects)
-        await client.send({"type": "join", "name": name, "room": f"{room}-x"})
+        await client.send({"type": "join", "name": name, "room": f"{room}-x", "token": token_for(name)})
         error = await client.wait_for(lambda o: o["type"] == "error", start=start)
         assert error["code"] == "banned"
         assert error.get("retry_after_ms") is None  # for good

@@ -218,6 +218,7 @@ class Mute:
     name: str
     seconds: int
     reason: str | None
+    ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +229,7 @@ class Ban:
     seconds: int | None
     scope: Scope
     reason: str | None
+    ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,7 @@ class Slow:
 
     seconds: int
     reason: str | None
+    ref: str | None = None
 
 
 Moderation = Mute | Ban | Slow
@@ -298,18 +301,9 @@ def parse_client_frame(data: str | bytes) -> ClientFrame:
         return Edit(_parse_target(obj, ref), _parse_text(obj, ref), ref)
     if kind == "delete":
         ref = _parse_ref(obj)
-        return Delete(_parse_target(obj, ref), ref, _parse_reason(obj))
-    if kind == "mute":
-        return Mute(_parse_name(obj), _parse_seconds(obj, MODERATION_SECONDS_MAX), _parse_reason(obj))
-    if kind == "ban":
-        scope = obj.get("scope", Scope.ROOM.value)
-        if scope not in (Scope.ROOM.value, Scope.CHAT.value):
-            raise ProtocolError(ErrorCode.INVALID_MODERATION, 'A ban\'s "scope" is "room" or "chat".')
-        forever = obj.get("seconds") is None
-        seconds = None if forever else _parse_seconds(obj, MODERATION_SECONDS_MAX)
-        return Ban(_parse_name(obj), seconds, Scope(scope), _parse_reason(obj))
-    if kind == "slow":
-        return Slow(_parse_seconds(obj, SLOW_SECONDS_MAX), _parse_reason(obj))
+        return Delete(_parse_target(obj, ref), ref, _parse_reason(obj, ref))
+    if kind in ("mute", "ban", "slow"):
+        return _parse_moderation(kind, obj)
     if kind == "react":
         ref = _parse_ref(obj)
         target = _parse_target(obj, ref)
@@ -341,22 +335,40 @@ def _parse_join(obj: dict[str, object]) -> Join:
     return Join(name=name, room=room, since=since or None, token=_parse_token(obj), moderator=moderator or None)
 
 
-def _parse_seconds(obj: dict[str, object], most: int) -> int:
+def _parse_moderation(kind: str, obj: dict[str, object]) -> Moderation:
+    ref = _parse_ref(obj)
+    try:
+        if kind == "slow":
+            return Slow(_parse_seconds(obj, SLOW_SECONDS_MAX, ref), _parse_reason(obj, ref), ref)
+        name = _parse_name(obj)
+        if kind == "mute":
+            return Mute(name, _parse_seconds(obj, MODERATION_SECONDS_MAX, ref), _parse_reason(obj, ref), ref)
+        scope = obj.get("scope", Scope.ROOM.value)
+        if scope not in (Scope.ROOM.value, Scope.CHAT.value):
+            raise ProtocolError(ErrorCode.INVALID_MODERATION, 'A ban\'s "scope" is "room" or "chat".', ref)
+        forever = obj.get("seconds") is None
+        seconds = None if forever else _parse_seconds(obj, MODERATION_SECONDS_MAX, ref)
+        return Ban(name, seconds, Scope(scope), _parse_reason(obj, ref), ref)
+    except ProtocolError as error:
+        # The name's errors are a join's, without a ref: this one has its frame's.
+        raise ProtocolError(error.code, error.detail, ref) from None
+
+
+def _parse_seconds(obj: dict[str, object], most: int, ref: str | None) -> int:
     seconds = obj.get("seconds")
     # bool is an int in Python: true is not a duration.
     if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 <= seconds <= most:
-        raise ProtocolError(ErrorCode.INVALID_MODERATION, f'"seconds" must be a whole number from 0 to {most}.')
+        raise ProtocolError(ErrorCode.INVALID_MODERATION, f'"seconds" must be a whole number from 0 to {most}.', ref)
     return seconds
 
 
-def _parse_reason(obj: dict[str, object]) -> str | None:
+def _parse_reason(obj: dict[str, object], ref: str | None = None) -> str | None:
     reason = obj.get("reason")
     if reason is None or reason == "":
         return None
     if not isinstance(reason, str) or len(reason) > REASON_MAX or text_problem(reason.strip()) is not None:
-        raise ProtocolError(
-            ErrorCode.INVALID_MODERATION, f'A "reason" is a text of at most {REASON_MAX} characters, or none.'
-        )
+        detail = f'A "reason" is a text of at most {REASON_MAX} characters, or none.'
+        raise ProtocolError(ErrorCode.INVALID_MODERATION, detail, ref)
     return reason.strip() or None
 
 

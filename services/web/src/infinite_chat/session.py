@@ -257,17 +257,16 @@ class Session:
         self._refuse(ProtocolError(refused.code, detail, ref), retry_after_ms=retry)
 
     async def _moderate(self, action: Moderation) -> None:
-        member = self._joined(None)
+        member = self._joined(action.ref)
         if not self.moderator:
-            raise ProtocolError(ErrorCode.NOT_MODERATOR, "Only moderators can do that.")
-        if not self._within_rate(None):
+            raise ProtocolError(ErrorCode.NOT_MODERATOR, "Only moderators can do that.", action.ref)
+        if not self._within_rate(action.ref):
             return
         try:
             await moderation.act(self.broker, member.room, member.name, action)
         except BrokerUnavailable:
-            raise ProtocolError(
-                ErrorCode.UNAVAILABLE, "Not done: the chat cannot reach its storage. Try again."
-            ) from None
+            detail = "Not done: the chat cannot reach its storage. Try again."
+            raise ProtocolError(ErrorCode.UNAVAILABLE, detail, action.ref) from None
 
     def _may_try_a_name(self) -> bool:
         """A join or a release costs Redis a call or three, and a taken name may be tried again and again: a
