@@ -9,7 +9,7 @@ import json
 from collections.abc import Collection
 from typing import Any
 
-from infinite_chat.broker import Broker, Delivery, TypingNotice
+from infinite_chat.broker import Broker, Delivery, ModerationNotice, TypingNotice
 from infinite_chat.protocol import MessageId
 
 from .chat import eventually
@@ -20,6 +20,7 @@ class Listener:
         self.chat = chat
         self.got: list[Delivery] = []
         self.typing: list[TypingNotice] = []
+        self.moderation: list[ModerationNotice] = []
         self.subscriptions = 0
         # Each room heard through `ready`: the newest message of its history then (None: it had none), where its
         # catch-ups start, as a member's welcome is where Rooms starts them.
@@ -44,6 +45,8 @@ class Listener:
         async for item in self.chat.listen(self._on_subscribed):
             if isinstance(item, TypingNotice):
                 self.typing.append(item)
+            elif isinstance(item, ModerationNotice):
+                self.moderation.append(item)
             else:
                 self._keep(item)
 

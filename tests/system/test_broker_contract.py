@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from infinite_chat.broker import (
+    FOREVER,
     Broker,
     ChangeRefused,
     Delivery,
@@ -27,6 +28,7 @@ from infinite_chat.broker import (
     MemoryBroker,
     Online,
     RedisBroker,
+    Refused,
     open_broker,
     presence_entry,
 )
@@ -736,3 +738,99 @@ async def test_an_address_may_claim_only_so_many_new_names_an_hour(brokers: Brok
     assert (refusal.code, refusal.retry_after_ms) == ("too_many_names", pytest.approx(1_800_000, rel=0.02))
     assert await chat.charge(claimer, 100, new_room=True) is None  # rooms and bytes are counted apart
     assert await chat.charge(address(), 0, new_room=False, new_name=True) is None
+
+
+# ---- moderation -------------------------------------------------------------------------------------------------
+
+
+async def test_a_mute_and_slow_mode_hold_back_messages_and_changes_in_the_store_itself(
+    brokers: Brokers, room: str
+) -> None:
+    first, second = brokers(), brokers()
+    said = await first.append(room, message_body(room, "ann", "hi", None), name="ann", ref=None, folded="ann")
+    until = int(time.time() * 1000) + 60_000
+    await first.moderate(room, "mute", "ann", until, b'{"type":"moderation"}', closes=False)
+    # On another replica, at once: the rule is where the message would be stored.
+    with pytest.raises(Refused) as muted:
+        await second.append(room, message_body(room, "ann", "again", None), name="ann", ref=None, folded="ann")
+    assert muted.value.code == "muted"
+    assert 0 < muted.value.retry_after_ms <= 60_000
+    react = React(said.id, "👍", True, None)
+    with pytest.raises(Refused):
+        await second.change(
+            room, Change.REACT, said.id, change_body(room, "ann", react), name="ann", emoji="👍", folded="ann"
+        )
+    # A moderator is not held back; a deletion of one's own message is allowed.
+    await second.append(
+        room, message_body(room, "ann", "mod", None), name="ann", ref=None, folded="ann", moderator=True
+    )
+    delete = Delete(said.id, None)
+    await second.change(room, Change.DELETE, said.id, change_body(room, "ann", delete), name="ann", folded="ann")
+    assert (await second.rules(room, "ann")).muted_until == until
+    await first.moderate(room, "mute", "ann", 0, b'{"type":"moderation"}', closes=False)
+    assert (await second.rules(room, "ann")).muted_until is None
+
+    await first.moderate(room, "slow", "", 30, b'{"type":"moderation"}', closes=False)
+    assert (await second.rules(room, "bob")).slow_seconds == 30
+    await second.append(room, message_body(room, "bob", "one", None), name="bob", ref=None, folded="bob")
+    with pytest.raises(Refused) as slow:
+        await first.append(room, message_body(room, "bob", "two", None), name="bob", ref=None, folded="bob")
+    assert slow.value.code == "slow_mode"
+    assert 0 < slow.value.retry_after_ms <= 30_000
+    await first.append(room, message_body(room, "cy", "mine", None), name="cy", ref=None, folded="cy")
+    await first.moderate(room, "slow", "", 0, b'{"type":"moderation"}', closes=False)
+    await first.append(room, message_body(room, "bob", "two", None), name="bob", ref=None, folded="bob")
+
+
+async def test_a_moderator_deletes_anyones_message_and_the_tombstone_says_so(brokers: Brokers, room: str) -> None:
+    chat = brokers()
+    said = await chat.append(room, message_body(room, "ann", "spam", None), name="ann", ref=None, folded="ann")
+    delete = Delete(said.id, None, "spam")
+    with pytest.raises(ChangeRefused):
+        await chat.change(room, Change.DELETE, said.id, change_body(room, "bob", delete), name="bob", folded="bob")
+    await chat.change(
+        room, Change.DELETE, said.id, change_body(room, "mod", delete), name="mod", folded="mod", moderator=True
+    )
+    edit = Edit(said.id, "mine now", None)
+    with pytest.raises(ChangeRefused):  # a moderator may delete, not edit, someone else's message
+        await chat.change(room, Change.EDIT, said.id, change_body(room, "mod", edit), name="mod", moderator=True)
+    [tombstone] = [json.loads(d.frame) for d in await chat.recent(room, 10)]
+    assert (tombstone["moderated"], "text" in tombstone) == (True, False)
+    [entry] = [
+        json.loads(d.frame)
+        for d in (await chat.read_after(room, None, max_messages=10, max_bytes=1 << 20)).deliveries
+        if json.loads(d.frame)["type"] == "delete"
+    ]
+    assert (entry["moderated"], entry["reason"]) == (True, "spam")
+
+
+async def test_bans_by_room_and_by_chat_are_seen_by_every_replica(brokers: Brokers, room: str) -> None:
+    first, second = brokers(), brokers()
+    folded = f"troll-{secrets.token_hex(3)}"
+    listener = await Listener(second).ready(room)
+    await first.moderate(room, "ban", folded, FOREVER, b'{"type":"moderation","action":"ban"}', closes=True)
+    assert (await second.rules(room, folded)).banned_until == FOREVER
+    assert (await second.rules(f"{room}-other", folded)).banned_until is None
+    await eventually(lambda: bool(listener.moderation), timeout=5, what="the ban's notice")
+    notice = listener.moderation[0]
+    assert (notice.room, notice.folded, notice.closes) == (room, folded, True)
+    assert json.loads(notice.frame)["action"] == "ban"
+
+    before = int(time.time() * 1000) - 1
+    await first.ban_everywhere(folded, FOREVER)
+    assert folded in [name for name, _ in await second.bans_since(before)]
+    assert (await second.claim(folded, folded, "", token_hash(new_token()), take=True))[0] is Claim.BANNED
+    await first.ban_everywhere(folded, 0)
+    assert (await second.claim(folded, folded, "", token_hash(new_token()), take=True))[0] is Claim.CLAIMED
+    await listener.stop()
+
+
+async def test_the_audit_log_pages_newest_first(brokers: Brokers) -> None:
+    chat = brokers()
+    mark = secrets.token_hex(4)
+    ids = [await chat.audit(json.dumps({"action": "mute", "n": n, "mark": mark}).encode()) for n in range(3)]
+    newest = await chat.audit_log(2, None)
+    assert [entry_id for entry_id, _ in newest] == ids[::-1][:2]
+    older = await chat.audit_log(5, ids[1])
+    assert ids[0] in [entry_id for entry_id, _ in older]
+    assert ids[1] not in [entry_id for entry_id, _ in older]

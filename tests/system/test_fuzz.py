@@ -55,7 +55,7 @@ ids = st.tuples(st.integers(0, 2**70), st.integers(0, 2**70)).map(lambda t: f"{t
 strings = st.text(max_size=40) | st.text(max_size=2100) | st.sampled_from(["", " ", "\n", "\u2028", "\x00", "lobby"])
 protocol_shaped = st.fixed_dictionaries(
     {
-        "type": st.sampled_from(["join", "say", "typing", "edit", "delete", "react", "release"])
+        "type": st.sampled_from(["join", "say", "typing", "edit", "delete", "react", "release", "mute", "ban", "slow"])
         | st.text(max_size=8)
         | json_values
     },
@@ -69,6 +69,10 @@ protocol_shaped = st.fixed_dictionaries(
         "text": strings | json_values,
         "ref": st.text(max_size=70) | json_values,
         "token": st.text(max_size=70) | st.just("t" * 8193) | json_values,
+        "moderator": st.text(max_size=70) | json_values,
+        "seconds": st.integers(-5, 3_000_000) | st.none() | json_values,
+        "scope": st.sampled_from(["room", "chat"]) | json_values,
+        "reason": st.text(max_size=250) | json_values,
     },
 )
 
@@ -224,12 +228,16 @@ def expected(frame: Frame) -> set[str]:
             "invalid_since",
             "invalid_token",
             "already_joined",
+            "banned",
             "name_taken",
             "too_many_names",
             "rate_limited",
         }
     if kind == "release":
         return unreadable | {"released", "invalid_token", "invalid_name", "name_taken", "rate_limited"}
+    if kind in ("mute", "ban", "slow"):
+        # The fuzzer is no moderator: its frames are refused, whatever they hold.
+        return unreadable | {"invalid_ref", "invalid_name", "invalid_moderation", "not_joined", "not_moderator"}
     if kind == "say":
         say_codes = {
             "invalid_ref",
@@ -247,6 +255,7 @@ def expected(frame: Frame) -> set[str]:
         change_codes = {
             "invalid_ref",
             "invalid_id",
+            "invalid_moderation",  # a delete's reason
             "invalid_text",
             "too_long",
             "invalid_reaction",
