@@ -84,10 +84,16 @@ class ChatClient:
 
     @classmethod
     async def open(
-        cls, url: str, *, origin: str | None = None, address: str | None = None, **options: Any
+        cls,
+        url: str,
+        *,
+        origin: str | None = None,
+        address: str | None = None,
+        headers: dict[str, str] | None = None,
+        **options: Any,
     ) -> ChatClient:
-        """A new socket, from `address` (a fresh one when None: see addresses.py)."""
-        headers = forwarded(address) | ({"Origin": origin} if origin else {})
+        """A new socket, from `address` (a fresh one when None: see addresses.py), with more `headers` if given."""
+        headers = forwarded(address) | ({"Origin": origin} if origin else {}) | (headers or {})
         ws = await websockets.connect(
             url, additional_headers=headers, compression=None, open_timeout=15, max_size=None, **options
         )

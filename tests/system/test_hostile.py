@@ -8,13 +8,14 @@ import contextlib
 import json
 import socket
 import struct
+import time
 
 import httpx
 import pytest
 import websockets
 
 from support.addresses import forwarded
-from support.chat import ChatClient, answer_to, still_chats
+from support.chat import ChatClient, answer_to, eventually, still_chats
 from support.names import unique
 from support.rawws import OP_CLOSE, OP_TEXT, RawSocket, frame_header, mask
 from support.resilient import read_log
@@ -468,3 +469,45 @@ def test_containers_are_locked_down(stack: Stack) -> None:
         )
         assert not tools.stdout.strip(), f"build tools in the web image: {tools.stdout.split()}"
         assert stack.exec(container, "python3", "-m", "pip", "--version", check=False).returncode != 0
+
+
+# ---- sign-in headers -------------------------------------------------------------------------------------------------
+
+# A socket's upgrade with a sign-in header, straight to a replica from inside its container (nothing in between).
+DIRECT_UPGRADE = """
+import socket
+s = socket.create_connection(("127.0.0.1", 8000), timeout=10)
+s.sendall(b"GET /ws HTTP/1.1\\r\\nHost: web\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\nSec-WebSocket-Version: 13\\r\\n"
+          b"X-Amzn-Oidc-Data: forged.by.client\\r\\n\\r\\n")
+print(s.recv(200).split(b"\\r\\n")[0].decode())
+s.close()
+"""
+
+
+def ignored_sign_ins(stack: Stack, since: str) -> int:
+    lines = [
+        line
+        for container in stack.web_containers()
+        for line in stack.docker("logs", "--since", since, container).stdout.splitlines()
+    ]
+    return sum('"event":"sign_in_header_ignored"' in line.replace(" ", "") for line in lines)
+
+
+async def test_nginx_never_passes_on_a_clients_own_sign_in_header(stack: Stack, room: str) -> None:
+    """Only an ALB with sign-in on may say who a client is (x-amzn-oidc-data, docs/sign-in.md). A replica says so in
+    its log when a socket's upgrade carries that header where nobody signs in: straight to a replica, it does;
+    through nginx, which clears the header, it never does."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 1))
+    for header in ("X-Amzn-Oidc-Data", "x-amzn-oidc-data", "X-AMZN-OIDC-DATA"):
+        client = await ChatClient.open(stack.ws_url, headers={header: "forged.by.client"})
+        await client.join(unique("forger"), room)
+        await client.close()
+    assert ignored_sign_ins(stack, since) == 0, "a client's own sign-in header reached a replica through nginx"
+
+    replica = stack.web_containers()[0]
+    status = stack.exec(replica, "python3", "-c", DIRECT_UPGRADE).stdout.strip()
+    assert status.startswith("HTTP/1.1 101"), status
+    await eventually(
+        lambda: ignored_sign_ins(stack, since) == 1, timeout=10, what="the replica's note of the header it ignored"
+    )

@@ -45,6 +45,13 @@ def credentials(scope: WebsocketScope) -> Credentials:
     return Credentials(token=token, alb_data=alb_data)
 
 
+def note_ignored_sign_in(credentials: Credentials, auth_mode: str) -> None:
+    """An x-amzn-oidc-data header where no ALB signs people in: a proxy in front passes on a client's own (nginx
+    clears it: services/nginx/proxy-headers.conf). Ignored, and said, so that a setup that lets it through shows."""
+    if credentials.alb_data is not None and auth_mode != "alb":
+        log.warning("sign-in header ignored", extra={"event": "sign_in_header_ignored", "auth_mode": auth_mode})
+
+
 def origin_allowed(headers: Iterable[tuple[bytes, bytes]], allowed: frozenset[str]) -> bool:
     """Refuses cross-site WebSocket hijacking: a browser always sends Origin, and only our own page (or a listed
     origin) may open a socket. Clients that are not browsers send no Origin and are let in."""
@@ -109,6 +116,8 @@ class ChatSocketRoute:
             outbox_limit_bytes=settings.outbox_limit_bytes,
             on_overflow=rooms.remove,
         )
+        signed = credentials(scope)
+        note_ignored_sign_in(signed, settings.auth_mode)
         session = Session(
             connection,
             rooms,
@@ -117,7 +126,7 @@ class ChatSocketRoute:
             address=address,
             allowances=replica.allowances,
             signin=replica.signin,
-            credentials=credentials(scope),
+            credentials=signed,
         )
         replica.opened(connection)
         try:
