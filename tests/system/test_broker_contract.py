@@ -834,3 +834,21 @@ async def test_the_audit_log_pages_newest_first(brokers: Brokers) -> None:
     older = await chat.audit_log(5, ids[1])
     assert ids[0] in [entry_id for entry_id, _ in older]
     assert ids[1] not in [entry_id for entry_id, _ in older]
+
+
+async def test_a_joins_rules_count_the_names_sockets_and_a_name_has_its_own_rooms_allowance(
+    brokers: Brokers, room: str
+) -> None:
+    chat = brokers(name_rooms_per_hour=2)
+    await chat.join(room, presence_entry("c1", "Ann"))
+    await chat.join(room, presence_entry("c2", "Ann"))
+    rules = await chat.rules(room, "ann", "Ann")
+    assert (rules.sockets_open, rules.sockets_per_name) == (2, 0)
+    await chat.moderate(room, "sockets", "", 20, b'{"type":"moderation"}', closes=False)
+    assert (await chat.rules(room, "ann", "Ann")).sockets_per_name == 20
+    folded = f"founder-{secrets.token_hex(3)}"
+    assert await chat.charge_room_of_name(folded) is None
+    assert await chat.charge_room_of_name(folded) is None
+    refusal = await chat.charge_room_of_name(folded)
+    assert refusal is not None
+    assert (refusal.code, refusal.retry_after_ms) == ("too_many_rooms", pytest.approx(1_800_000, rel=0.02))

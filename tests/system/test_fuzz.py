@@ -55,7 +55,9 @@ ids = st.tuples(st.integers(0, 2**70), st.integers(0, 2**70)).map(lambda t: f"{t
 strings = st.text(max_size=40) | st.text(max_size=2100) | st.sampled_from(["", " ", "\n", "\u2028", "\x00", "lobby"])
 protocol_shaped = st.fixed_dictionaries(
     {
-        "type": st.sampled_from(["join", "say", "typing", "edit", "delete", "react", "release", "mute", "ban", "slow"])
+        "type": st.sampled_from(
+            ["join", "say", "typing", "edit", "delete", "react", "release", "mute", "ban", "slow", "limits"]
+        )
         | st.text(max_size=8)
         | json_values
     },
@@ -72,6 +74,7 @@ protocol_shaped = st.fixed_dictionaries(
         "moderator": st.text(max_size=70) | json_values,
         "seconds": st.integers(-5, 3_000_000) | st.none() | json_values,
         "scope": st.sampled_from(["room", "chat"]) | json_values,
+        "sockets": st.integers(-5, 2000) | json_values,
         "reason": st.text(max_size=250) | json_values,
     },
 )
@@ -229,13 +232,14 @@ def expected(frame: Frame) -> set[str]:
             "invalid_token",
             "already_joined",
             "banned",
+            "too_many_sockets",
             "name_taken",
             "too_many_names",
             "rate_limited",
         }
     if kind == "release":
         return unreadable | {"released", "invalid_token", "invalid_name", "name_taken", "rate_limited"}
-    if kind in ("mute", "ban", "slow"):
+    if kind in ("mute", "ban", "slow", "limits"):
         # The fuzzer is no moderator: its frames are refused, whatever they hold.
         return unreadable | {"invalid_ref", "invalid_name", "invalid_moderation", "not_joined", "not_moderator"}
     if kind == "say":

@@ -273,3 +273,35 @@ async def test_only_moderators_moderate_and_read_the_audit_log(stack: Stack, rep
     assert all(entry["id"] != newest["id"] for entry in older.json()["entries"])
     for client in (bob, impostor, mod):
         await client.close()
+
+
+async def test_a_name_holds_only_so_many_sockets_in_a_room_unless_its_moderators_allow_more(
+    stack: Stack, replicas: list[str], room: str
+) -> None:
+    name = unique("tabs")
+    tabs = [await client_on(stack.ws_url, replicas[n % 2], name=name, room=room) for n in range(8)]  # NAME_SOCKETS
+    one_more = await ChatClient.open(stack.ws_url)
+    start = len(one_more.objects)
+    await one_more.send({"type": "join", "name": name, "room": room, "token": token_for(name)})
+    assert (await one_more.wait_for(lambda o: o["type"] == "error", start=start))["code"] == "too_many_sockets"
+    elsewhere = await client_on(stack.ws_url, None, name=name, room=f"{room}-2")  # per room
+
+    mod = await moderator_on(stack, replicas[0], room)
+    notice = await act(mod, {"type": "limits", "sockets": 10, "reason": "a classroom"})
+    assert (notice["action"], notice["sockets"]) == ("limits", 10)
+    tabs.append(await client_on(stack.ws_url, None, name=name, room=room))
+    for client in (*tabs, one_more, elsewhere, mod):
+        await client.close()
+
+
+async def test_a_name_may_create_only_so_many_rooms_an_hour(stack: Stack) -> None:
+    name = unique("founder")
+    prefix = f"t-{secrets.token_hex(4)}"
+    answers = []
+    for n in range(11):  # NAME_ROOMS_PER_HOUR is 10; each from an address of its own, so only the name counts
+        client = await client_on(stack.ws_url, None, name=name, room=f"{prefix}-{n}")
+        answers.append(await answer(client, {"type": "say", "text": "first!"}))
+        await client.close()
+    assert [a["type"] for a in answers[:10]] == ["message"] * 10
+    assert answers[10]["code"] == "too_many_rooms"
+    assert answers[10]["retry_after_ms"] > 0

@@ -109,6 +109,10 @@ class Settings:
     # without a join that uses it: what one address can make Redis keep for names is bounded.
     address_names_per_hour: int = 30
     name_idle_days: int = 30
+    # Per claimed name, on top of the per-address limits: sockets it may have open in one room (over every replica;
+    # a room's moderators may allow more), and rooms it may create in an hour.
+    name_sockets: int = 8
+    name_rooms_per_hour: int = 10
     allowed_origins: frozenset[str] = frozenset()
     ping_interval: float = 20.0
     drain_seconds: float = 1.0
@@ -194,6 +198,8 @@ class Settings:
                 env, "ADDRESS_NAMES_PER_HOUR", defaults.address_names_per_hour, low=1, high=1_000_000
             ),
             name_idle_days=_int(env, "NAME_IDLE_DAYS", defaults.name_idle_days, low=1, high=3650),
+            name_sockets=_int(env, "NAME_SOCKETS", defaults.name_sockets, low=1, high=10_000),
+            name_rooms_per_hour=_int(env, "NAME_ROOMS_PER_HOUR", defaults.name_rooms_per_hour, low=1, high=1_000_000),
             allowed_origins=frozenset(
                 origin.strip().rstrip("/").lower()
                 for origin in env.get("ALLOWED_ORIGINS", "").split(",")

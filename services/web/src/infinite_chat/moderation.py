@@ -11,7 +11,7 @@ import orjson
 from .broker import FOREVER, Broker
 from .config import Settings
 from .names import fold, token_hash
-from .protocol import Delete, Moderation, Mute, Scope, Slow, millis_time, moderation_frame
+from .protocol import Delete, Limits, Moderation, Mute, Scope, Slow, millis_time, moderation_frame
 
 
 def is_moderator_token(settings: Settings, token: str) -> bool:
@@ -40,6 +40,20 @@ def wait_text(retry_after_ms: int) -> str:
 
 async def act(broker: Broker, room: str, by: str, action: Moderation) -> None:
     """Sets the rule a moderator asked for, tells the room (on every replica), and keeps it in the audit log."""
+    if isinstance(action, Limits):
+        frame = moderation_frame(
+            "limits",
+            room=room,
+            name=None,
+            seconds=None,
+            until=None,
+            by=by,
+            reason=action.reason,
+            sockets=action.sockets,
+        )
+        await broker.moderate(room, "sockets", "", action.sockets, frame, closes=False)
+        await audit(broker, by, "limits", room=room, sockets=action.sockets, reason=action.reason)
+        return
     if isinstance(action, Slow):
         frame = moderation_frame(
             "slow", room=room, name=None, seconds=action.seconds, until=None, by=by, reason=action.reason

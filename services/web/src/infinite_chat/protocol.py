@@ -23,6 +23,8 @@ TOKEN_MAX = 8192
 # between one person's messages), and a moderator's reason.
 MODERATION_SECONDS_MAX = 30 * 86_400
 SLOW_SECONDS_MAX = 3_600
+# The most sockets a moderator may let one name have in a room.
+SOCKETS_PER_NAME_MAX = 1_000
 REASON_MAX = 200
 # Names a message lists as mentioned (`@name`), at most.
 MENTIONS_MAX = 20
@@ -98,6 +100,7 @@ class ErrorCode(StrEnum):
     MUTED = "muted"
     BANNED = "banned"
     SLOW_MODE = "slow_mode"
+    TOO_MANY_SOCKETS = "too_many_sockets"
 
 
 class CloseCode(IntEnum):
@@ -241,8 +244,17 @@ class Slow:
     ref: str | None = None
 
 
-Moderation = Mute | Ban | Slow
-ClientFrame = Join | Say | Typing | Edit | Delete | React | Release | Mute | Ban | Slow
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A moderator lets each name have up to `sockets` sockets in the room (0: back to NAME_SOCKETS)."""
+
+    sockets: int
+    reason: str | None
+    ref: str | None = None
+
+
+Moderation = Mute | Ban | Slow | Limits
+ClientFrame = Join | Say | Typing | Edit | Delete | React | Release | Mute | Ban | Slow | Limits
 
 
 MessageId = tuple[int, int]
@@ -302,7 +314,7 @@ def parse_client_frame(data: str | bytes) -> ClientFrame:
     if kind == "delete":
         ref = _parse_ref(obj)
         return Delete(_parse_target(obj, ref), ref, _parse_reason(obj, ref))
-    if kind in ("mute", "ban", "slow"):
+    if kind in ("mute", "ban", "slow", "limits"):
         return _parse_moderation(kind, obj)
     if kind == "react":
         ref = _parse_ref(obj)
@@ -314,7 +326,8 @@ def parse_client_frame(data: str | bytes) -> ClientFrame:
         return React(target, emoji, on, ref)
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,
-        'The "type" must be "join", "say", "typing", "edit", "delete", "react", "release", "mute", "ban" or "slow".',
+        'The "type" must be "join", "say", "typing", "edit", "delete", "react", "release", "mute", "ban", "slow" '
+        'or "limits".',
         _ref_if_valid(obj),
     )
 
@@ -340,6 +353,12 @@ def _parse_moderation(kind: str, obj: dict[str, object]) -> Moderation:
     try:
         if kind == "slow":
             return Slow(_parse_seconds(obj, SLOW_SECONDS_MAX, ref), _parse_reason(obj, ref), ref)
+        if kind == "limits":
+            sockets = obj.get("sockets")
+            if not isinstance(sockets, int) or isinstance(sockets, bool) or not 0 <= sockets <= SOCKETS_PER_NAME_MAX:
+                detail = f'"sockets" must be a whole number from 0 to {SOCKETS_PER_NAME_MAX}.'
+                raise ProtocolError(ErrorCode.INVALID_MODERATION, detail, ref)
+            return Limits(sockets, _parse_reason(obj, ref), ref)
         name = _parse_name(obj)
         if kind == "mute":
             return Mute(name, _parse_seconds(obj, MODERATION_SECONDS_MAX, ref), _parse_reason(obj, ref), ref)
@@ -585,22 +604,32 @@ def welcome_frame(
 
 
 def moderation_frame(
-    action: str, *, room: str, name: str | None, seconds: int | None, until: str | None, by: str, reason: str | None
+    action: str,
+    *,
+    room: str,
+    name: str | None,
+    seconds: int | None,
+    until: str | None,
+    by: str,
+    reason: str | None,
+    sockets: int | None = None,
 ) -> bytes:
     """A moderator's rule for a room (or the chat), as the room's members see it: `action` is "mute", "ban",
-    "ban_chat" or "slow"; `seconds` 0 lifts it; `until` None with seconds None is for good."""
-    return orjson.dumps(
-        {
-            "type": "moderation",
-            "action": action,
-            "room": room,
-            "name": name,
-            "seconds": seconds,
-            "until": until,
-            "by": by,
-            "reason": reason,
-        }
-    )
+    "ban_chat", "slow" or "limits" (with `sockets`); `seconds` 0 lifts it; `until` None with seconds None is for
+    good."""
+    frame: dict[str, object] = {
+        "type": "moderation",
+        "action": action,
+        "room": room,
+        "name": name,
+        "seconds": seconds,
+        "until": until,
+        "by": by,
+        "reason": reason,
+    }
+    if sockets is not None:
+        frame["sockets"] = sockets
+    return orjson.dumps(frame)
 
 
 def millis_time(millis: int) -> str:

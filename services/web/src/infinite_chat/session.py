@@ -167,7 +167,7 @@ class Session:
             connection.close(CloseCode.TRY_AGAIN, "storage unavailable")
             return
         try:
-            rules = await self.broker.rules(join.room, fold(name))
+            rules = await self.broker.rules(join.room, fold(name), name)
         except BrokerUnavailable:
             self._refuse(ProtocolError(ErrorCode.UNAVAILABLE, "The chat is unavailable for a moment; reconnecting."))
             connection.close(CloseCode.TRY_AGAIN, "storage unavailable")
@@ -175,6 +175,11 @@ class Session:
         if rules.banned_until is not None:
             self._refuse_banned("This name is banned from this room", rules.banned_until)
             return
+        most = rules.sockets_per_name or self.settings.name_sockets
+        if rules.sockets_open >= most:
+            # Counted when the join looks, so joins at the same moment may pass it by a few.
+            detail = f"This name has {most} sockets in this room already; close one first."
+            raise ProtocolError(ErrorCode.TOO_MANY_SOCKETS, detail)
         self.moderator = moderator
         member = self.member = self.rooms.enter(join.room, connection, name)
         try:
@@ -367,6 +372,12 @@ class Session:
         body = message_body(member.room, member.name, say.text, say.ref)
         try:
             refusal = await self.allowances.take(self.address, len(body), new_room=self.room_is_new)
+            if refusal is None and self.room_is_new and not self.moderator:
+                refusal = await self.broker.charge_room_of_name(member.folded)
+                if refusal is not None:
+                    detail = "Not sent: your name has started too many new rooms this hour. Use an existing room."
+                    self._refuse(ProtocolError(refusal.code, detail, say.ref), retry_after_ms=refusal.retry_after_ms)
+                    return
             if refusal is not None:
                 self._refuse(_quota_error(refusal, say.ref), retry_after_ms=refusal.retry_after_ms)
                 return

@@ -291,6 +291,10 @@ class Quotas(ABC):
         """Takes `size` bytes (and a room, when the message creates one; a name, when a join claims one) from the
         address's allowance; a refusal takes nothing."""
 
+    @abstractmethod
+    async def charge_room_of_name(self, folded: str) -> QuotaRefusal | None:
+        """Takes a new room from the name's hourly allowance (NAME_ROOMS_PER_HOUR), over every replica."""
+
 
 # A ban (or mute) until a moderator lifts it; also how the scripts write it.
 FOREVER = -1
@@ -305,6 +309,9 @@ class Rules:
     banned_until: int | None = None
     muted_until: int | None = None
     slow_seconds: int = 0
+    # Sockets one name may have in the room, as a moderator set it (0: NAME_SOCKETS); and how many it has now.
+    sockets_per_name: int = 0
+    sockets_open: int = 0
 
 
 class Refused(Exception):
@@ -333,14 +340,15 @@ class Moderation(ABC):
     that store messages and changes check them), per chat (bans, on the name's claim), and the audit log."""
 
     @abstractmethod
-    async def rules(self, room: str, folded: str) -> Rules:
-        """The room's rules that hold for this name now (a join's check, and its welcome)."""
+    async def rules(self, room: str, folded: str, name: str) -> Rules:
+        """The room's rules that hold for this name now (a join's check, and its welcome), and how many sockets the
+        name (as claimed: presence's spelling) has in the room, on every replica."""
 
     @abstractmethod
     async def moderate(self, room: str, rule: str, folded: str, value: int, frame: bytes, *, closes: bool) -> None:
-        """Sets one rule of the room ("mute" and "ban": until when, FOREVER; "slow": seconds; 0 lifts it; "" sets
-        nothing) and publishes `frame` to the room's members on every replica, in one step; with `closes`, every
-        replica closes the name's sockets in the room."""
+        """Sets one rule of the room ("mute" and "ban": until when, FOREVER; "slow": seconds; "sockets": sockets per
+        name; 0 lifts it; "" sets nothing) and publishes `frame` to the room's members on every replica, in one
+        step; with `closes`, every replica closes the name's sockets in the room."""
 
     @abstractmethod
     async def ban_everywhere(self, folded: str, until: int) -> None:

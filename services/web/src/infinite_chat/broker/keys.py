@@ -85,6 +85,11 @@ BANS_KEY = "chat:bans"
 AUDIT_KEY = "chat:audit"
 
 
+def name_quota_key(folded: str) -> str:
+    """A name's allowance of new rooms (quota.lua's hash, as an address's)."""
+    return f"chat:name-quota:{folded}"
+
+
 def name_key(folded: str) -> str:
     """A claimed name (claim.lua), under its folded form (names.fold); one key, so any slot will do."""
     return f"chat:name:{folded}"

@@ -184,6 +184,7 @@ class _Room:
     banned: dict[str, int] = field(default_factory=dict)
     slow: int = 0
     spoke: dict[str, float] = field(default_factory=dict)
+    sockets: int = 0  # a moderator's sockets per name in the room (0: NAME_SOCKETS)
 
 
 @dataclass(slots=True)
@@ -380,13 +381,21 @@ class MemoryBroker(Broker):
         return LogRead(deliveries, found=True, complete=True)
 
     async def charge(self, address: str, size: int, *, new_room: bool, new_name: bool = False) -> QuotaRefusal | None:
-        # quota.lua, in Python: a bucket per address that refills over QUOTA_WINDOW_MS.
         settings = self.settings
+        caps = (settings.address_bytes_per_hour, settings.address_rooms_per_hour, settings.address_names_per_hour)
+        return self._charge(address, size, new_room, new_name, caps)
+
+    async def charge_room_of_name(self, folded: str) -> QuotaRefusal | None:
+        return self._charge(f"\nname\n{folded}", 0, True, False, (1, self.settings.name_rooms_per_hour, 1))
+
+    def _charge(
+        self, key: str, size: int, new_room: bool, new_name: bool, caps: tuple[int, int, int]
+    ) -> QuotaRefusal | None:
+        # quota.lua, in Python: a bucket per address (or name) that refills over QUOTA_WINDOW_MS.
         window = QUOTA_WINDOW_MS / 1000
-        size_cap, rooms_cap = float(settings.address_bytes_per_hour), float(settings.address_rooms_per_hour)
-        names_cap = float(settings.address_names_per_hour)
+        size_cap, rooms_cap, names_cap = (float(cap) for cap in caps)
         now = time.monotonic()
-        left = self._allowances.get(address)
+        left = self._allowances.get(key)
         if left is None or now - left.at >= window:
             left = _Allowance(size_cap, rooms_cap, now, names_cap)
         else:
@@ -414,7 +423,7 @@ class MemoryBroker(Broker):
             left.rooms -= 1
         if new_name:
             left.names -= 1
-        self._allowances[address] = left
+        self._allowances[key] = left
         return None
 
     async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str, int]:
@@ -443,11 +452,18 @@ class MemoryBroker(Broker):
         held.token, held.name = "", ""
         return True
 
-    async def rules(self, room: str, folded: str) -> Rules:
+    async def rules(self, room: str, folded: str, name: str) -> Rules:
         rules = self._moderated.get(room, _Room())
         now = time.time() * 1000
         banned, muted = rules.banned.get(folded, 0), rules.muted.get(folded, 0)
-        return Rules(banned if _holds(banned, now) else None, muted if _holds(muted, now) else None, rules.slow)
+        presence = self._room_presence.get(room)
+        return Rules(
+            banned if _holds(banned, now) else None,
+            muted if _holds(muted, now) else None,
+            rules.slow,
+            rules.sockets,
+            presence.counts.get(name, 0) if presence is not None else 0,
+        )
 
     async def moderate(self, room: str, rule: str, folded: str, value: int, frame: bytes, *, closes: bool) -> None:
         rules = self._moderated.setdefault(room, _Room())
@@ -460,6 +476,8 @@ class MemoryBroker(Broker):
         elif rule == "slow":
             rules.slow = value
             rules.spoke.clear()
+        elif rule == "sockets":
+            rules.sockets = value
         self._publish(ModerationNotice(room, folded, closes, frame))
 
     async def ban_everywhere(self, folded: str, until: int) -> None:

@@ -74,6 +74,7 @@ from .keys import (
     confirmed_key,
     log_key,
     name_key,
+    name_quota_key,
     old_log_key,
     presence_keys,
     quota_key,
@@ -206,6 +207,7 @@ class RedisBroker(Broker):
         self._quota = self.redis.register_script(_script("quota.lua"))
         self._claim = self.redis.register_script(_script("claim.lua"))
         self._moderation = self.redis.register_script(_script("moderation.lua"))
+        self._rules = self.redis.register_script(_script("rules.lua"))
         self._ban = self.redis.register_script(_script("ban.lua"))
         self._release = self.redis.register_script(_script("release.lua"))
         self._idle_seconds = settings.room_idle_days * 86_400
@@ -491,6 +493,19 @@ class RedisBroker(Broker):
             return None
         return QuotaRefusal(ErrorCode(verdict.decode()), max(1, int(wait)))
 
+    async def charge_room_of_name(self, folded: str) -> QuotaRefusal | None:
+        try:
+            await self._discover()
+            verdict, wait = await self._quota(
+                keys=[name_quota_key(folded)],
+                args=[0, 1, 1, self.settings.name_rooms_per_hour, QUOTA_WINDOW_MS, 0, 1],
+            )
+        except REDIS_FAILURES as error:
+            raise _unavailable(error) from None
+        if verdict == b"ok":
+            return None
+        return QuotaRefusal(ErrorCode(verdict.decode()), max(1, int(wait)))
+
     async def claim(self, folded: str, name: str, offered: str, new: str, *, take: bool) -> tuple[Claim, str, int]:
         try:
             await self._discover()
@@ -502,17 +517,26 @@ class RedisBroker(Broker):
             raise _unavailable(error) from None
         return Claim(verdict.decode()), held.decode(), int(banned)
 
-    async def rules(self, room: str, folded: str) -> Rules:
+    async def rules(self, room: str, folded: str, name: str) -> Rules:
         try:
             await self._discover()
-            found: Any = await self.redis.hmget(rules_keys(room)[0], [f"b:{folded}", f"m:{folded}", "slow"])
+            found: Any = await self._rules(
+                keys=[rules_keys(room)[0], presence_keys(room)[1]], args=[f"b:{folded}", f"m:{folded}", name]
+            )
         except REDIS_FAILURES as error:
             raise _unavailable(error) from None
-        banned, muted, slow = found
-        return _rules_now(banned, muted, slow)
+        banned, muted, slow, sockets, sockets_open = found
+        rules = _rules_now(banned, muted, slow)
+        return Rules(
+            rules.banned_until,
+            rules.muted_until,
+            rules.slow_seconds,
+            int(sockets) if sockets else 0,
+            int(sockets_open) if sockets_open else 0,
+        )
 
     async def moderate(self, room: str, rule: str, folded: str, value: int, frame: bytes, *, closes: bool) -> None:
-        field = {"mute": f"m:{folded}", "ban": f"b:{folded}", "slow": "slow"}.get(rule, "")
+        field = {"mute": f"m:{folded}", "ban": f"b:{folded}", "slow": "slow", "sockets": "sockets"}.get(rule, "")
         payload = f"{room}\n\nmoderation\n{1 if closes else 0}\n{folded}\n".encode() + frame
         try:
             await self._discover()

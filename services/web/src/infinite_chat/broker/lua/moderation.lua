@@ -1,7 +1,8 @@
 -- A moderator's rule for a room, kept in the room's rules (a hash with no time to live: only moderators write it, and
 -- eviction must not lift a ban), and published to the room's members on every replica, in one step.
 -- KEYS[1]  the room's rules (keys.rules_key): "m:<folded name>" and "b:<folded name>" -> until (ms since the epoch,
---          -1 for good), "slow" -> seconds between one person's messages
+--          -1 for good), "slow" -> seconds between one person's messages, "sockets" -> sockets one name may have
+--          in the room (instead of NAME_SOCKETS)
 -- KEYS[2]  the room's last message per name while slow mode is on (keys.spoke_key)
 -- ARGV[1]  the field to set, or "" to set nothing (a chat-wide ban, announced in the room)
 -- ARGV[2]  its value; "0" lifts the rule
