@@ -10,24 +10,9 @@ import copy
 import secrets
 from typing import Any
 
-import pytest
-
 from support.chat import ChatClient, Obj, client_on
-from support.stack import Stack, room_on
-
-
-@pytest.fixture(scope="session", params=["standalone", "cluster"])
-def stack(request: pytest.FixtureRequest) -> Stack:
-    """The session's stack on the single Redis, or on the Redis Cluster (as test_chat_core.py's)."""
-    started: Stack = request.getfixturevalue("stack" if request.param == "standalone" else "cluster_stack")
-    return started
-
-
-@pytest.fixture
-def room(stack: Stack) -> str:
-    """A room of the test's own; on the cluster, on a primary picked at random."""
-    primaries = stack.primaries()
-    return room_on(primaries[secrets.randbelow(len(primaries))])
+from support.stack import Stack
+from support.stacks import either_stack, room_on_a_primary  # noqa: F401 (fixtures: each test on both layouts)
 
 
 def ref() -> str:

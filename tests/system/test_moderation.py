@@ -11,27 +11,14 @@ import secrets
 import time
 
 import httpx
-import pytest
 
 from support.chat import ChatClient, Obj, client_on
 from support.names import token_for, unique
-from support.stack import Stack, room_on
+from support.stack import Stack
+from support.stacks import either_stack, room_on_a_primary  # noqa: F401 (fixtures: each test on both layouts)
 
 # A moderator's rule reaches the other replica within this (a chat-wide ban: its replicas look twice a second).
 WITHIN = 1.0
-
-
-@pytest.fixture(scope="session", params=["standalone", "cluster"])
-def stack(request: pytest.FixtureRequest) -> Stack:
-    """The session's stack on the single Redis, or on the Redis Cluster (as test_chat_core.py's)."""
-    started: Stack = request.getfixturevalue("stack" if request.param == "standalone" else "cluster_stack")
-    return started
-
-
-@pytest.fixture
-def room(stack: Stack) -> str:
-    primaries = stack.primaries()
-    return room_on(primaries[secrets.randbelow(len(primaries))])
 
 
 def ref() -> str:

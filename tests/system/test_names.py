@@ -5,22 +5,14 @@ the single Redis and on the Redis Cluster."""
 
 from __future__ import annotations
 
-import pytest
-
 from infinite_chat.names import fold
 from support.addresses import new_address
 from support.chat import ChatClient, Obj, client_on, eventually
 from support.names import remember, unique
 from support.stack import Stack
+from support.stacks import either_stack  # noqa: F401 (a fixture: each test on both layouts)
 
 CYRILLIC_A = "\u0430"
-
-
-@pytest.fixture(scope="session", params=["standalone", "cluster"])
-def stack(request: pytest.FixtureRequest) -> Stack:
-    """The session's stack on the single Redis, or on the Redis Cluster (as test_chat_core.py's)."""
-    started: Stack = request.getfixturevalue("stack" if request.param == "standalone" else "cluster_stack")
-    return started
 
 
 async def join_as(client: ChatClient, name: str, room: str, token: str | None = None) -> Obj:
