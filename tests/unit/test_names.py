@@ -1,6 +1,6 @@
 """Owned names in one process (names.py, the in-memory broker, the replica through Quart's test client): which names
 are one name, and what a join, a second join and a release get. The same through nginx, on both replicas and on
-Redis: tests/system/test_names.py."""
+Redis: tests/system/test_owned_names.py."""
 
 from __future__ import annotations
 
