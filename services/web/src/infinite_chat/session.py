@@ -126,46 +126,10 @@ class Session:
         if not self._may_try_a_name():
             return
         connection = self.connection
-        try:
-            signed_in = await self.signin.identify(
-                token=join.token or self.credentials.token, alb_data=self.credentials.alb_data
-            )
-        except SignInRefused as refused:
-            raise ProtocolError(refused.code, refused.detail) from None
-        if signed_in is not None:
-            moderator = signed_in.moderator
-        elif join.moderator is not None:
-            if not moderation.is_moderator_token(self.settings, join.moderator):
-                raise ProtocolError(ErrorCode.INVALID_TOKEN, "That is not a moderator token of this chat.")
-            moderator = True
-        else:
-            moderator = False
-        try:
-            if signed_in is None:
-                name, token = await self.claims.claim(join.name, join.token, self.address)
-            else:
-                # The name the sign-in gives, owned by the person it signed in (by subject), so that someone else
-                # whose sign-in gives the same name cannot speak as them; no token for the client to keep.
-                subject = f"subject:{signed_in.subject}"
-                name, _ = await self.claims.claim(signed_in.name, subject, self.address, issue=False)
-                token = None
-        except NameTaken:
-            raise ProtocolError(
-                ErrorCode.NAME_TAKEN,
-                "That name is someone else's here (names are kept for whoever claimed them first). Pick another, "
-                "or join with the name's token.",
-            ) from None
-        except NameBanned as banned:
-            self._refuse_banned("This name is banned from the chat", banned.until)
+        who = await self._who(join)
+        if who is None:
             return
-        except TooManyNames as refused:
-            detail = "Your address has claimed too many new names this hour. Use a name you have, or wait."
-            self._refuse(ProtocolError(ErrorCode.TOO_MANY_NAMES, detail), retry_after_ms=refused.retry_after_ms)
-            return
-        except BrokerUnavailable:
-            self._refuse(ProtocolError(ErrorCode.UNAVAILABLE, "The chat is unavailable for a moment; reconnecting."))
-            connection.close(CloseCode.TRY_AGAIN, "storage unavailable")
-            return
+        name, token, moderator = who
         try:
             rules = await self.broker.rules(join.room, fold(name), name)
         except BrokerUnavailable:
@@ -203,6 +167,51 @@ class Session:
             "joined",
             extra={"event": "join", "room": join.room, "connection": connection.id, "resumed": resumed},
         )
+
+    async def _who(self, join: Join) -> tuple[str, str | None, bool] | None:
+        """Who the join is from: the name as claimed (or as a sign-in gives it), the claim token for the client to
+        keep (none when signed in), and whether a moderator; None when refused (the refusal is sent)."""
+        try:
+            signed_in = await self.signin.identify(
+                token=join.token or self.credentials.token, alb_data=self.credentials.alb_data
+            )
+        except SignInRefused as refused:
+            raise ProtocolError(refused.code, refused.detail) from None
+        if signed_in is not None:
+            moderator = signed_in.moderator
+        elif join.moderator is not None:
+            if not moderation.is_moderator_token(self.settings, join.moderator):
+                raise ProtocolError(ErrorCode.INVALID_TOKEN, "That is not a moderator token of this chat.")
+            moderator = True
+        else:
+            moderator = False
+        try:
+            if signed_in is None:
+                name, token = await self.claims.claim(join.name, join.token, self.address)
+            else:
+                # The name the sign-in gives, owned by the person it signed in (by subject), so that someone else
+                # whose sign-in gives the same name cannot speak as them; no token for the client to keep.
+                subject = f"subject:{signed_in.subject}"
+                name, _ = await self.claims.claim(signed_in.name, subject, self.address, issue=False)
+                token = None
+        except NameTaken:
+            raise ProtocolError(
+                ErrorCode.NAME_TAKEN,
+                "That name is someone else's here (names are kept for whoever claimed them first). Pick another, "
+                "or join with the name's token.",
+            ) from None
+        except NameBanned as banned:
+            self._refuse_banned("This name is banned from the chat", banned.until)
+            return None
+        except TooManyNames as refused:
+            detail = "Your address has claimed too many new names this hour. Use a name you have, or wait."
+            self._refuse(ProtocolError(ErrorCode.TOO_MANY_NAMES, detail), retry_after_ms=refused.retry_after_ms)
+            return None
+        except BrokerUnavailable:
+            self._refuse(ProtocolError(ErrorCode.UNAVAILABLE, "The chat is unavailable for a moment; reconnecting."))
+            self.connection.close(CloseCode.TRY_AGAIN, "storage unavailable")
+            return None
+        return name, token, moderator
 
     async def _history(self, join: Join) -> tuple[list[Delivery], bool]:
         """What was missed since `since`, when all of it is within the resume bound; else the recent history."""
