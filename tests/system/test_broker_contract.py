@@ -707,14 +707,14 @@ async def test_a_free_name_is_claimed_by_the_first_and_refused_to_any_other_toke
     first, second = brokers(), brokers()
     folded = f"alice-{secrets.token_hex(4)}"
     hers, other = token_hash(new_token()), token_hash(new_token())
-    assert await first.claim(folded, "Alice", "", hers, take=False) == (Claim.FREE, "Alice")
-    assert await first.claim(folded, "Alice", "", hers, take=True) == (Claim.CLAIMED, "Alice")
+    assert await first.claim(folded, "Alice", "", hers, take=False) == (Claim.FREE, "Alice", 0)
+    assert await first.claim(folded, "Alice", "", hers, take=True) == (Claim.CLAIMED, "Alice", 0)
     # On any replica: hers with her token (under the first spelling, however she spells it now), nobody else's.
-    assert await second.claim(folded, "ALICE", hers, other, take=True) == (Claim.OWNED, "Alice")
-    assert await second.claim(folded, "alice", other, other, take=True) == (Claim.TAKEN, "Alice")
-    assert await second.claim(folded, "alice", "", other, take=True) == (Claim.TAKEN, "Alice")
+    assert await second.claim(folded, "ALICE", hers, other, take=True) == (Claim.OWNED, "Alice", 0)
+    assert await second.claim(folded, "alice", other, other, take=True) == (Claim.TAKEN, "Alice", 0)
+    assert await second.claim(folded, "alice", "", other, take=True) == (Claim.TAKEN, "Alice", 0)
     assert not await second.release(folded, other)
-    assert await first.claim(folded, "alice", hers, other, take=False) == (Claim.OWNED, "Alice")
+    assert await first.claim(folded, "alice", hers, other, take=False) == (Claim.OWNED, "Alice", 0)
 
 
 async def test_a_released_name_is_free_for_the_next_join(brokers: Brokers) -> None:
@@ -724,8 +724,8 @@ async def test_a_released_name_is_free_for_the_next_join(brokers: Brokers) -> No
     assert (await first.claim(folded, "bob", "", his, take=True))[0] is Claim.CLAIMED
     assert await second.release(folded, his)
     assert await second.release(folded, his)  # nobody's already: released
-    assert await first.claim(folded, "Bob", his, next_owner, take=True) == (Claim.CLAIMED, "Bob")
-    assert await second.claim(folded, "bob", his, his, take=False) == (Claim.TAKEN, "Bob")
+    assert await first.claim(folded, "Bob", his, next_owner, take=True) == (Claim.CLAIMED, "Bob", 0)
+    assert await second.claim(folded, "bob", his, his, take=False) == (Claim.TAKEN, "Bob", 0)
 
 
 async def test_an_address_may_claim_only_so_many_new_names_an_hour(brokers: Brokers) -> None:
