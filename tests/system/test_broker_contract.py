@@ -766,12 +766,12 @@ async def test_a_mute_and_slow_mode_hold_back_messages_and_changes_in_the_store_
     )
     delete = Delete(said.id, None)
     await second.change(room, Change.DELETE, said.id, change_body(room, "ann", delete), name="ann", folded="ann")
-    assert (await second.rules(room, "ann")).muted_until == until
+    assert (await second.rules(room, "ann", "ann")).muted_until == until
     await first.moderate(room, "mute", "ann", 0, b'{"type":"moderation"}', closes=False)
-    assert (await second.rules(room, "ann")).muted_until is None
+    assert (await second.rules(room, "ann", "ann")).muted_until is None
 
     await first.moderate(room, "slow", "", 30, b'{"type":"moderation"}', closes=False)
-    assert (await second.rules(room, "bob")).slow_seconds == 30
+    assert (await second.rules(room, "bob", "bob")).slow_seconds == 30
     await second.append(room, message_body(room, "bob", "one", None), name="bob", ref=None, folded="bob")
     with pytest.raises(Refused) as slow:
         await first.append(room, message_body(room, "bob", "two", None), name="bob", ref=None, folded="bob")
@@ -809,8 +809,8 @@ async def test_bans_by_room_and_by_chat_are_seen_by_every_replica(brokers: Broke
     folded = f"troll-{secrets.token_hex(3)}"
     listener = await Listener(second).ready(room)
     await first.moderate(room, "ban", folded, FOREVER, b'{"type":"moderation","action":"ban"}', closes=True)
-    assert (await second.rules(room, folded)).banned_until == FOREVER
-    assert (await second.rules(f"{room}-other", folded)).banned_until is None
+    assert (await second.rules(room, folded, folded)).banned_until == FOREVER
+    assert (await second.rules(f"{room}-other", folded, folded)).banned_until is None
     await eventually(lambda: bool(listener.moderation), timeout=5, what="the ban's notice")
     notice = listener.moderation[0]
     assert (notice.room, notice.folded, notice.closes) == (room, folded, True)
