@@ -2063,7 +2063,10 @@ function showMuted() {
     return;
   }
   ui.mutedLine.hidden = false;
-  ui.mutedLine.textContent = `You are muted here until ${untilText(chat.mutedUntil)} (${waitText(left)} left): you can read, but not send, edit or react.`;
+  // Rounded, not ceiled: a 10-minute mute reads "10 min left", not 11, in its first half minute.
+  const minutes = Math.round(left / 60000);
+  const remaining = left < 60000 ? `${Math.max(1, Math.ceil(left / 1000))} s` : `${minutes} min`;
+  ui.mutedLine.textContent = `You are muted here until ${untilText(chat.mutedUntil)} (${remaining} left): you can read, but not send, edit or react.`;
   // Kept up to date, and gone when the mute ends.
   chat.muteTimer = setTimeout(showMuted, Math.min(left, left > 60000 ? 30000 : 1000));
 }
