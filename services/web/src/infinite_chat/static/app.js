@@ -31,6 +31,12 @@ const SEND_AHEAD = 10;
 const NAME_KEY = "infinite-chat.name";
 // Owned names: the claim token of each name this browser holds, as JSON {nameKey(name): token} (docs/web-client.md).
 const TOKENS_KEY = "infinite-chat:tokens";
+// A moderator's token (docs/protocol.md, "Moderation"): in sessionStorage, so it lasts this tab's reloads and
+// reconnects but no longer, and no other tab or later visit gets it.
+const MODERATOR_KEY = "infinite-chat:moderator";
+const CLOSE_BANNED = 4003;
+// What a moderator may set (docs/web-client.md, "Moderation"); the server takes any value in its ranges.
+const REASON_MAX = 200;
 // Conversation features (docs/protocol.md, "Edit, delete, react" and "typing").
 const EDIT_WINDOW_MS = 900 * 1000; // EDIT_WINDOW_SECONDS
 const REACTIONS = ["👍", "👎", "❤️", "😂", "😮", "😢", "🎉", "🙏", "👀", "🔥", "✅", "🚀"];
@@ -61,6 +67,12 @@ const ui = {
   editing: $("editing"), editCancel: $("edit-cancel"), send: $("send"),
   menu: $("menu"), menuReactions: $("menu-reactions"), menuNote: $("menu-note"), menuEdit: $("menu-edit"),
   menuDelete: $("menu-delete"), menuKeep: $("menu-keep"),
+  menuReasonField: $("menu-reason-field"), menuReason: $("menu-reason"),
+  moderatorDetails: $("moderator-details"), moderator: $("moderator"), moderatorError: $("moderator-error"),
+  moderatorBadge: $("moderator-badge"), modBar: $("mod-bar"), slowMode: $("slow-mode"), slowError: $("slow-error"),
+  mutedLine: $("muted-line"), slowLine: $("slow-line"),
+  nameMenu: $("name-menu"), nameMenuTitle: $("name-menu-title"), nameMenuReason: $("name-menu-reason"),
+  nameMenuNote: $("name-menu-note"), nameMenuError: $("name-menu-error"),
 };
 
 // A fresh id per page: refs are "<client>-<n>", unique among everyone's messages in practice.
@@ -97,6 +109,13 @@ const chat = {
   unreadHidden: 0,
   mentionsHidden: 0,
   atBottom: true, // the reader is following the conversation at the bottom
+  moderator: false, // the welcome said this connection is a moderator's
+  sentModerator: null, // the moderator token the last join carried: dropped when that join gets invalid_token
+  mutedUntil: 0, // when a moderator's mute of our name ends (our clock), 0 when not muted
+  muteTimer: 0,
+  slowSeconds: 0, // the room's slow mode, 0 when off
+  modActions: new Map(), // ref -> {frame, tool: "name" | "slow"}: a moderator's mute, ban or slow on its way
+  banned: null, // {scope, until}: the last ban of our name the room announced, for the 4003 close after it
 };
 
 // Who is typing, as the last `typing` object said (less the names whose message came since).
@@ -228,6 +247,30 @@ function forgetName() {
   }
 }
 
+// The moderator token of this tab: sessionStorage first (a reload), the page's copy where storage is refused.
+let pageModerator = null;
+
+function moderatorToken() {
+  let token = null;
+  try {
+    token = sessionStorage.getItem(MODERATOR_KEY);
+  } catch {
+    token = null;
+  }
+  token = token ?? pageModerator;
+  return typeof token === "string" && token ? token : null;
+}
+
+function keepModerator(token) {
+  pageModerator = token || null;
+  try {
+    if (token) sessionStorage.setItem(MODERATOR_KEY, token);
+    else sessionStorage.removeItem(MODERATOR_KEY);
+  } catch {
+    // Private modes may refuse storage: the page's own copy serves this page's reconnects.
+  }
+}
+
 function waitText(ms) {
   const seconds = Math.max(1, Math.ceil(Number(ms || 0) / 1000));
   return seconds < 60 ? `${seconds} s` : `${Math.ceil(seconds / 60)} min`;
@@ -287,6 +330,8 @@ function recordOf(message) {
     mentions: deleted ? [] : strings(message.mentions),
     edited: typeof message.edited === "string" ? message.edited : null,
     deleted,
+    moderated: Boolean(deleted) && message.moderated === true, // removed by a moderator
+    reason: null, // a moderator's reason, when the page saw the deletion live
     reactions: deleted ? new Map() : reactionsOf(message.reactions),
     editClosed: false, // the server said edit_window_closed
     busy: new Set(), // emoji whose reaction of ours is on its way
@@ -382,8 +427,10 @@ function render(record) {
   li.replaceChildren();
   if (record.deleted) {
     li.className = own ? "msg own deleted" : "msg deleted";
-    const gone = el("p", "gone", "message deleted");
-    gone.title = `${own ? "Your" : `${record.name}'s`} message of ${fullFormat.format(date)}, deleted ${fullFormat.format(new Date(record.deleted))}`;
+    const gone = el("p", "gone", record.moderated ? "message removed by a moderator" : "message deleted");
+    const by = record.moderated ? " by a moderator" : "";
+    const reason = record.reason ? ` (${record.reason})` : "";
+    gone.title = `${own ? "Your" : `${record.name}'s`} message of ${fullFormat.format(date)}, deleted${by} ${fullFormat.format(new Date(record.deleted))}${reason}`;
     li.append(gone);
     if (record.note) li.append(noteElement(record));
     return;
@@ -391,7 +438,7 @@ function render(record) {
   const mentioned = !own && record.mentions.includes(chat.name);
   li.className = `msg${own ? " own" : ""}${mentioned ? " mentions-me" : ""}${chat.editing?.id === record.id ? " being-edited" : ""}`;
   const meta = el("div", "meta");
-  const who = el("span", "who", record.name);
+  const who = nameElement(record.name, own, "who");
   // CSSOM, not a style attribute: allowed by the page's CSP.
   who.style.setProperty("--hue", String(hue(record.name)));
   if (own) who.append(el("span", "sr-only", " (you)"));
@@ -423,6 +470,18 @@ function render(record) {
   if (record.note) li.append(noteElement(record));
   li.append(more);
   if (focused) li.querySelector(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
+}
+
+// A person's name: for a moderator, someone else's name is a button that opens the name menu (mute, ban).
+function nameElement(name, own, className) {
+  if (!chat.moderator || own) return el("span", className, name);
+  const button = el("button", `${className} name-button`, name);
+  button.type = "button";
+  button.dataset.name = name;
+  button.dataset.focus = "name";
+  button.setAttribute("aria-haspopup", "dialog");
+  button.setAttribute("aria-label", `${name}: moderator actions`);
+  return button;
 }
 
 function noteElement(record) {
@@ -678,7 +737,8 @@ function resetOnline(names = [], count = 0) {
 function showOnline() {
   const total = presence.count;
   const items = presence.names.map((name) => {
-    const li = el("li", name === chat.name ? "me" : "", name);
+    const li = el("li", name === chat.name ? "me" : "");
+    li.append(nameElement(name, name === chat.name, "online-name"));
     if (name === chat.name) li.append(el("span", "you", " (you)"));
     return li;
   });
@@ -719,14 +779,17 @@ function showJoin(message) {
   setStatus("offline", "Not connected");
   if (chat.name) ui.name.value = chat.name;
   if (chat.room) ui.room.value = chat.room;
+  const token = moderatorToken();
+  ui.moderator.value = token || "";
+  if (token) ui.moderatorDetails.open = true;
   if (message) showFieldError(message.field, message.text);
   (message?.field === "room" ? ui.room : ui.name).focus();
   document.title = "Infinite Chat";
 }
 
 function showFieldError(field, text) {
-  const input = field === "room" ? ui.room : ui.name;
-  const error = field === "room" ? ui.roomError : ui.nameError;
+  const input = { room: ui.room, moderator: ui.moderator }[field] || ui.name;
+  const error = { room: ui.roomError, moderator: ui.moderatorError }[field] || ui.nameError;
   error.textContent = text || "";
   if (text) input.setAttribute("aria-invalid", "true");
   else input.removeAttribute("aria-invalid");
@@ -765,6 +828,7 @@ function enterRoom(name, room) {
   chat.typedAt = -Infinity;
   typingEnded();
   clearTyping();
+  resetRules();
   document.title = `#${room} · Infinite Chat`;
   ui.roomTitle.textContent = `#${room}`;
   ui.roomTitle.hidden = false;
@@ -862,6 +926,7 @@ function leaveRoom() {
   for (const item of chat.pending.values()) item.el.remove();
   chat.pending.clear();
   resetConversation();
+  resetRules();
   showJoin();
 }
 
@@ -891,6 +956,8 @@ function connect() {
     if (chat.lastId) join.since = chat.lastId;
     chat.sentToken = tokenFor(chat.name);
     if (chat.sentToken) join.token = chat.sentToken;
+    chat.sentModerator = moderatorToken();
+    if (chat.sentModerator) join.moderator = chat.sentModerator;
     ws.send(JSON.stringify(join));
   });
   ws.addEventListener("message", (event) => {
@@ -914,6 +981,12 @@ function connect() {
     if (ws !== chat.ws) return; // closed on purpose (room change, leave, our name released)
     chat.ws = null;
     chat.joined = false;
+    if (event.code === CLOSE_BANNED) {
+      // A moderator's ban: joining again would be refused, so the page does not reconnect.
+      bannedOut(chat.banned?.scope || "room", chat.banned?.until ?? null);
+      return;
+    }
+    failModActions("Not done: the connection dropped. Try again once connected.");
     if (chat.releasing) releaseFailed("Not released: the connection dropped. Try again once connected.");
     requeueSent("Waiting for the connection…");
     // Changes on their way get no answer on this socket: they go again after the next welcome.
@@ -986,6 +1059,9 @@ function dispatch(obj) {
     case "released":
       onReleased(obj);
       break;
+    case "moderation":
+      onModeration(obj);
+      break;
     default:
       console.warn("infinite-chat: unknown object from the server", obj);
   }
@@ -1001,6 +1077,11 @@ function onWelcome(welcome) {
   if (typeof welcome.token === "string" && welcome.token) keepToken([typed, chat.name], welcome.token);
   rememberName(chat.name);
   ui.release.hidden = !tokenFor(chat.name);
+  setModerator(welcome.moderator === true);
+  // The welcome says how the room's rules stand for us now: what was known before the reconnect is replaced.
+  const until = typeof welcome.muted_until === "string" ? Date.parse(welcome.muted_until) : NaN;
+  setMuted(Number.isNaN(until) ? 0 : until - chat.clockSkew);
+  setSlow(Number.isInteger(welcome.slow_seconds) ? welcome.slow_seconds : 0);
   setStatus("online", "Connected");
   setReplica(String(welcome.replica));
   resetOnline(welcome.online, welcome.online_count);
@@ -1061,9 +1142,16 @@ function onMessage(message) {
 }
 
 function onError(error) {
+  // Any frame refused for a mute says how long it lasts.
+  if (error.code === "muted" && Number(error.retry_after_ms) > 0) setMuted(Date.now() + Number(error.retry_after_ms));
   const item = error.ref ? chat.pending.get(error.ref) : undefined;
   if (item) {
     pendingError(item, error);
+    return;
+  }
+  const action = error.ref ? chat.modActions.get(error.ref) : undefined;
+  if (action) {
+    modActionError(action, error);
     return;
   }
   const change = error.ref ? chat.changes.get(error.ref) : undefined;
@@ -1098,6 +1186,25 @@ function onError(error) {
       );
       break;
     }
+    case "invalid_token":
+      if (chat.sentModerator) {
+        // The moderator token is not one of this chat's: it is dropped, and the form says so on its field.
+        keepModerator(null);
+        chat.sentModerator = null;
+        leaveRoom();
+        ui.moderatorDetails.open = true;
+        showFieldError("moderator", "That is not a moderator token of this chat. Check it, or leave the field empty to join as anyone.");
+        ui.moderator.focus();
+        break;
+      }
+      leaveRoom();
+      showFieldError("name", error.detail || "The server refused this name's token.");
+      break;
+    case "banned":
+      // The detail says which ban ("… from the chat" or "… from this room"); retry_after_ms is absent for good.
+      bannedOut(/\bchat\b/.test(String(error.detail)) ? "chat" : "room",
+        Number(error.retry_after_ms) > 0 ? Date.now() + Number(error.retry_after_ms) : null);
+      break;
     case "invalid_name":
       leaveRoom();
       showFieldError("name", error.detail);
@@ -1163,6 +1270,10 @@ function applyChange(record, change) {
       record.edited = String(change.ts);
       break;
     case "delete":
+      if (change.moderated === true && !record.deleted) {
+        record.moderated = true;
+        record.reason = typeof change.reason === "string" && change.reason ? change.reason : null;
+      }
       markDeleted(record, String(change.ts));
       break;
     case "reaction":
@@ -1292,6 +1403,13 @@ function changeError(change, error) {
   rerender(record);
 }
 
+// A message the server held back goes back into the box, before whatever was typed since (nothing is lost).
+function backToComposer(text) {
+  if (chat.editing) chat.editing.draft = chat.editing.draft ? `${text}\n${chat.editing.draft}` : text;
+  else ui.text.value = ui.text.value ? `${text}\n${ui.text.value}` : text;
+  updateCounter();
+}
+
 function useAsDraft(text) {
   stopEditing();
   ui.text.value = text;
@@ -1389,15 +1507,19 @@ for (const emoji of REACTIONS) {
 
 function openMenu(record, opener) {
   if (record.deleted) return;
+  closeNameMenu({ refocus: false });
   if (menu.record && menu.record !== record) closeMenu({ refocus: false });
   menu.record = record;
   menu.opener = opener || record.el.querySelector(".more");
   menu.confirming = false;
   const own = isOwn(record);
   ui.menuEdit.hidden = !canEdit(record);
-  ui.menuDelete.hidden = !own;
+  // A moderator deletes anyone's message (with a reason, if they give one); others only their own.
+  ui.menuDelete.hidden = !own && !chat.moderator;
   ui.menuDelete.textContent = "Delete";
   ui.menuKeep.hidden = true;
+  ui.menuReasonField.hidden = true;
+  ui.menuReason.value = "";
   ui.menuNote.textContent = own && ui.menuEdit.hidden ? "Editing is over: a message can be edited for 15 minutes." : "";
   ui.menuNote.hidden = !ui.menuNote.textContent;
   for (const button of ui.menuReactions.children) {
@@ -1449,16 +1571,21 @@ ui.menu.addEventListener("click", (event) => {
     startEditing(record);
   } else if (button === ui.menuDelete && !menu.confirming) {
     menu.confirming = true;
-    ui.menuNote.textContent = "Delete this message for everyone?";
+    const moderating = !isOwn(record);
+    ui.menuNote.textContent = moderating
+      ? `Remove ${record.name}'s message for everyone? Everyone sees it was removed by a moderator.`
+      : "Delete this message for everyone?";
     ui.menuNote.hidden = false;
+    ui.menuReasonField.hidden = !moderating;
     ui.menuDelete.textContent = "Yes, delete";
     ui.menuKeep.hidden = false;
     ui.menuEdit.hidden = true;
-    ui.menuDelete.focus();
+    (moderating ? ui.menuReason : ui.menuDelete).focus();
   } else if (button === ui.menuDelete) {
+    const reason = isOwn(record) ? "" : strip(ui.menuReason.value).slice(0, REASON_MAX);
     closeMenu();
     if (chat.editing?.id === record.id) stopEditing();
-    sendChange(record, { type: "delete" });
+    sendChange(record, reason ? { type: "delete", reason } : { type: "delete" });
   } else if (button === ui.menuKeep) {
     closeMenu();
   }
@@ -1471,6 +1598,14 @@ ui.menu.addEventListener("keydown", (event) => {
     return;
   }
   // Arrow keys move through the menu's buttons, as well as Tab does.
+  if (event.target === ui.menuReason) {
+    // Enter in the reason confirms; the arrows move the caret.
+    if (event.key === "Enter") {
+      event.preventDefault();
+      ui.menuDelete.click();
+    }
+    return;
+  }
   const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[event.key];
   if (!step) return;
   const buttons = [...ui.menu.querySelectorAll("button")].filter((button) => !button.hidden);
@@ -1725,6 +1860,21 @@ function pendingError(item, error) {
       fail(item, `${error.detail || "Not sent."} (about ${minutes} min)`);
       break;
     }
+    case "muted":
+    case "slow_mode": {
+      // Held back by a moderator's rule: the text goes back into the composer (nothing is lost), and the line
+      // above the composer says until when.
+      const ms = Number(error.retry_after_ms) > 0 ? Number(error.retry_after_ms) : 0;
+      dropPending(item.ref);
+      backToComposer(item.text);
+      if (error.code === "muted") {
+        ui.textError.textContent = "Not sent: you are muted here. Your message is back in the box.";
+      } else {
+        ui.textError.textContent = `Slow mode: you can send again in ${waitText(ms || 1000)}. Your message is back in the box.`;
+      }
+      flush();
+      break;
+    }
     case "too_long":
       fail(item, `Not sent: too long. A message has at most ${TEXT_MAX} characters.`);
       break;
@@ -1850,6 +2000,297 @@ async function loadOlder() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Moderation (docs/protocol.md, "Moderation"): a moderator's tools (a name's menu, slow mode, deleting anyone's
+// message), and what everyone sees of the rules: a line in the conversation for each, our own mute and the room's
+// slow mode above the composer, a ban that sends the page back to the form.
+
+const minuteFormat = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+
+function durationText(seconds) {
+  const units = [[86400, "day"], [3600, "hour"], [60, "minute"], [1, "second"]];
+  for (const [size, unit] of units) {
+    if (seconds >= size && (seconds % size === 0 || size === 1 || seconds >= size * 2)) {
+      const n = Math.round(seconds / size);
+      return `${n} ${unit}${n === 1 ? "" : "s"}`;
+    }
+  }
+  return `${seconds} seconds`;
+}
+
+function untilText(ms) {
+  const date = new Date(ms);
+  const today = new Date().toDateString() === date.toDateString();
+  return (today ? minuteFormat : dayTimeFormat).format(date);
+}
+
+function resetRules() {
+  setModerator(false);
+  setMuted(0);
+  setSlow(0);
+  chat.banned = null;
+  chat.modActions.clear();
+  closeNameMenu({ refocus: false });
+}
+
+function setModerator(on) {
+  const changed = chat.moderator !== on;
+  chat.moderator = on;
+  ui.moderatorBadge.hidden = !on;
+  ui.modBar.hidden = !on;
+  if (!on) ui.slowError.textContent = "";
+  if (changed) {
+    // Names become buttons (or stop being ones) everywhere they are shown.
+    for (const record of chat.shown.values()) render(record);
+    showOnline();
+  }
+}
+
+function setMuted(until) {
+  clearTimeout(chat.muteTimer);
+  chat.muteTimer = 0;
+  chat.mutedUntil = until > Date.now() ? until : 0;
+  showMuted();
+}
+
+function showMuted() {
+  clearTimeout(chat.muteTimer);
+  chat.muteTimer = 0;
+  const left = chat.mutedUntil - Date.now();
+  if (!chat.mutedUntil || left <= 0) {
+    chat.mutedUntil = 0;
+    ui.mutedLine.hidden = true;
+    ui.mutedLine.textContent = "";
+    return;
+  }
+  ui.mutedLine.hidden = false;
+  // Rounded, not ceiled: a 10-minute mute reads "10 min left", not 11, in its first half minute.
+  const minutes = Math.round(left / 60000);
+  const remaining = left < 60000 ? `${Math.max(1, Math.ceil(left / 1000))} s` : `${minutes} min`;
+  ui.mutedLine.textContent = `You are muted here until ${untilText(chat.mutedUntil)} (${remaining} left): you can read, but not send, edit or react.`;
+  // Kept up to date, and gone when the mute ends.
+  chat.muteTimer = setTimeout(showMuted, Math.min(left, left > 60000 ? 30000 : 1000));
+}
+
+function setSlow(seconds) {
+  chat.slowSeconds = Number.isInteger(seconds) && seconds > 0 ? seconds : 0;
+  ui.slowLine.hidden = !chat.slowSeconds;
+  ui.slowLine.textContent = chat.slowSeconds ? `Slow mode: one message every ${slowText(chat.slowSeconds)}${chat.moderator ? " (moderators are not held back)" : ""}.` : "";
+  ui.slowMode.value = String(chat.slowSeconds);
+  if (ui.slowMode.value !== String(chat.slowSeconds)) {
+    // A value the page does not offer (another client set it): shown as it is.
+    const option = el("option", "", slowText(chat.slowSeconds));
+    option.value = String(chat.slowSeconds);
+    ui.slowMode.append(option);
+    ui.slowMode.value = option.value;
+  }
+}
+
+function slowText(seconds) {
+  return seconds % 60 === 0 && seconds >= 120 ? `${seconds / 60} min` : `${seconds} s`;
+}
+
+function isMe(name) {
+  return typeof name === "string" && chat.name !== null && nameKey(name) === nameKey(chat.name);
+}
+
+function moderationText(obj) {
+  const by = typeof obj.by === "string" ? obj.by : "a moderator";
+  const name = typeof obj.name === "string" ? obj.name : "someone";
+  const seconds = obj.seconds;
+  const reason = typeof obj.reason === "string" && obj.reason ? ` (${obj.reason})` : "";
+  // Not a switch: tests/unit/test_protocol_codes.py reads the page's `case` labels as codes and object types.
+  if (obj.action === "mute") {
+    return seconds === 0 ? `${name} was unmuted by ${by}${reason}` : `${name} was muted for ${durationText(seconds)} by ${by}${reason}`;
+  }
+  if (obj.action === "ban" || obj.action === "ban_chat") {
+    const where = obj.action === "ban" ? "the room" : "the chat";
+    if (seconds === 0) return `${name} was unbanned from ${where} by ${by}${reason}`;
+    const time = Number.isInteger(seconds) ? ` for ${durationText(seconds)}` : " for good";
+    return `${name} was banned from ${where}${time} by ${by}${reason}`;
+  }
+  if (obj.action === "slow") {
+    return seconds ? `${by} turned slow mode on: one message every ${slowText(seconds)}${reason}` : `${by} turned slow mode off${reason}`;
+  }
+  return `${by} changed a rule of the room${reason}`;
+}
+
+function onModeration(obj) {
+  if (obj.room !== undefined && obj.room !== chat.room && obj.action !== "ban_chat") return;
+  appendNote(systemElement(moderationText(obj), "system moderation"));
+  const until = typeof obj.until === "string" ? Date.parse(obj.until) - chat.clockSkew : NaN;
+  if (obj.action === "slow") setSlow(obj.seconds);
+  else if (obj.action === "mute" && isMe(obj.name)) setMuted(obj.seconds === 0 || Number.isNaN(until) ? 0 : until);
+  else if ((obj.action === "ban" || obj.action === "ban_chat") && isMe(obj.name) && obj.seconds !== 0) {
+    // The server closes our socket with 4003 next: this says which ban, and until when.
+    chat.banned = { scope: obj.action === "ban" ? "room" : "chat", until: Number.isNaN(until) ? null : until };
+  }
+  if (obj.by === chat.name) modActionDone(obj);
+}
+
+// Back to the form, not reconnecting: a ban would refuse the join.
+function bannedOut(scope, until) {
+  leaveRoom();
+  const where = scope === "chat" ? "from the chat" : "from this room";
+  const when = until ? ` until ${untilText(until)}` : " for good";
+  showFieldError("name", `A moderator banned this name ${where}${when}.`);
+  ui.name.focus();
+}
+
+function sendModeration(frame, tool) {
+  const ws = chat.ws;
+  if (!ws || !chat.joined || ws.readyState !== WebSocket.OPEN) {
+    toolError(tool, "Not connected: try again once the page says Connected.");
+    return false;
+  }
+  refCounter += 1;
+  const ref = `${clientId}-${refCounter}`;
+  chat.modActions.set(ref, { frame, tool });
+  toolError(tool, "");
+  ws.send(JSON.stringify({ ...frame, ref }));
+  return true;
+}
+
+// The room's `moderation` object is the answer (it carries no ref): the oldest action of ours it matches is done.
+function modActionDone(obj) {
+  const action = obj.action === "ban_chat" ? "ban" : obj.action;
+  for (const [ref, pending] of chat.modActions) {
+    const { frame } = pending;
+    if (frame.type !== action || (action !== "slow" && !(typeof obj.name === "string" && nameKey(obj.name) === nameKey(frame.name)))) continue;
+    chat.modActions.delete(ref);
+    if (pending.tool === "name" && nameMenu.name !== null && nameKey(nameMenu.name) === nameKey(frame.name)) closeNameMenu();
+    return;
+  }
+}
+
+function modActionError(pending, error) {
+  for (const [ref, one] of chat.modActions) if (one === pending) chat.modActions.delete(ref);
+  const reason = {
+    not_moderator: "only moderators can do that (this page is not joined as one).",
+    invalid_moderation: "the server did not take that setting.",
+    rate_limited: "too many actions at once; try again in a moment.",
+    unavailable: "the chat could not store it; try again.",
+  }[error.code] || error.detail || error.code;
+  toolError(pending.tool, `Not done: ${reason}`);
+  if (pending.tool === "slow") ui.slowMode.value = String(chat.slowSeconds);
+}
+
+function failModActions(text) {
+  if (!chat.modActions.size) return;
+  const tools = new Set([...chat.modActions.values()].map((pending) => pending.tool));
+  chat.modActions.clear();
+  for (const tool of tools) toolError(tool, text);
+  ui.slowMode.value = String(chat.slowSeconds);
+}
+
+function toolError(tool, text) {
+  if (tool === "slow") {
+    ui.slowError.textContent = text;
+    return;
+  }
+  ui.nameMenuNote.hidden = true;
+  if (nameMenu.name !== null) ui.nameMenuError.textContent = text;
+  else if (text) ui.slowError.textContent = text; // the menu was closed meanwhile: said in the moderator bar
+  for (const button of ui.nameMenu.querySelectorAll("button")) button.disabled = false;
+}
+
+ui.slowMode.addEventListener("change", () => {
+  const seconds = Number(ui.slowMode.value);
+  if (!sendModeration({ type: "slow", seconds }, "slow")) ui.slowMode.value = String(chat.slowSeconds);
+});
+
+// The name menu: a moderator's actions on one person, from their name (in a message or the online list).
+const nameMenu = { name: null, opener: null };
+
+function openNameMenu(name, opener) {
+  if (!chat.moderator || isMe(name)) return;
+  closeMenu({ refocus: false });
+  nameMenu.name = name;
+  nameMenu.opener = opener;
+  ui.nameMenuTitle.textContent = name;
+  ui.nameMenu.setAttribute("aria-label", `Moderator actions for ${name}`);
+  ui.nameMenuReason.value = "";
+  ui.nameMenuNote.hidden = true;
+  ui.nameMenuError.textContent = "";
+  for (const button of ui.nameMenu.querySelectorAll("button")) button.disabled = false;
+  ui.nameMenu.hidden = false;
+  opener?.setAttribute("aria-expanded", "true");
+  const phone = matchMedia("(max-width: 40rem)").matches;
+  ui.nameMenu.classList.toggle("sheet", phone);
+  if (phone) {
+    ui.nameMenu.style.removeProperty("left");
+    ui.nameMenu.style.removeProperty("top");
+  } else {
+    const anchor = opener.getBoundingClientRect();
+    const box = ui.nameMenu.getBoundingClientRect();
+    const left = Math.min(Math.max(8, anchor.left), innerWidth - box.width - 8);
+    const below = anchor.bottom + 4;
+    const top = below + box.height < innerHeight - 8 ? below : Math.max(8, anchor.top - box.height - 4);
+    ui.nameMenu.style.setProperty("left", `${left}px`);
+    ui.nameMenu.style.setProperty("top", `${top}px`);
+  }
+  ui.nameMenu.querySelector("button").focus();
+}
+
+function closeNameMenu({ refocus = true } = {}) {
+  if (nameMenu.name === null) return;
+  nameMenu.name = null;
+  ui.nameMenu.hidden = true;
+  const opener = nameMenu.opener;
+  nameMenu.opener = null;
+  opener?.setAttribute("aria-expanded", "false");
+  if (refocus) (opener?.isConnected ? opener : ui.text).focus();
+}
+
+ui.nameMenu.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-action]");
+  if (!button || nameMenu.name === null) return;
+  const seconds = button.dataset.seconds === "forever" ? null : Number(button.dataset.seconds);
+  const frame = { type: button.dataset.action, name: nameMenu.name, seconds };
+  if (frame.type === "ban") frame.scope = "room";
+  const reason = strip(ui.nameMenuReason.value);
+  if (reason) frame.reason = reason.slice(0, REASON_MAX);
+  if (sendModeration(frame, "name")) {
+    for (const one of ui.nameMenu.querySelectorAll("button")) one.disabled = true;
+    ui.nameMenuNote.textContent = `${button.textContent}…`;
+    ui.nameMenuNote.hidden = false;
+  }
+});
+
+ui.nameMenu.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") {
+    event.preventDefault();
+    closeNameMenu();
+    return;
+  }
+  if (event.target === ui.nameMenuReason) return; // arrows move the caret there
+  const step = { ArrowDown: 1, ArrowUp: -1 }[event.key];
+  if (!step) return;
+  const items = [ui.nameMenuReason, ...ui.nameMenu.querySelectorAll("button")].filter((item) => !item.disabled);
+  event.preventDefault();
+  items[(items.indexOf(document.activeElement) + step + items.length) % items.length].focus();
+});
+
+ui.nameMenu.addEventListener("focusout", (event) => {
+  if (nameMenu.name !== null && event.relatedTarget && !ui.nameMenu.contains(event.relatedTarget)) closeNameMenu({ refocus: false });
+});
+
+document.addEventListener("pointerdown", (event) => {
+  if (nameMenu.name !== null && !ui.nameMenu.contains(event.target) && !event.target.closest?.(".name-button")) {
+    closeNameMenu({ refocus: false });
+  }
+});
+
+for (const list of [ui.messages, ui.online]) {
+  list.addEventListener("click", (event) => {
+    const button = event.target.closest?.(".name-button");
+    if (!button) return;
+    event.stopPropagation();
+    if (nameMenu.name === button.dataset.name && nameMenu.opener === button) closeNameMenu();
+    else openNameMenu(button.dataset.name, button);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Wiring
 
 function roomFromHash() {
@@ -1870,10 +2311,16 @@ ui.joinForm.addEventListener("submit", (event) => {
   const roomError = roomProblem(room);
   showFieldError("name", nameError);
   showFieldError("room", roomError);
+  showFieldError("moderator", null);
   if (nameError) ui.name.focus();
   else if (roomError) ui.room.focus();
-  else enterRoom(name, room);
+  else {
+    // A filled field makes this tab a moderator's until it is closed; an emptied one stops it.
+    keepModerator(ui.moderator.value.trim() || null);
+    enterRoom(name, room);
+  }
 });
+ui.moderator.addEventListener("input", () => showFieldError("moderator", null));
 
 for (const [input, field] of [[ui.name, "name"], [ui.room, "room"]]) {
   input.addEventListener("input", () => {
