@@ -468,11 +468,17 @@ async def test_one_replica_holds_two_thousand_idle_connections(stack: Stack, roo
     sockets: list[websockets.ClientConnection] = []
     readers: list[asyncio.Task[None]] = []
     gate = asyncio.Semaphore(40)
-    # The crowd's one name, claimed first: every socket of the crowd joins with its token.
+    # The crowd's one name, claimed first: every socket of the crowd joins with its token. One name may hold
+    # NAME_SOCKETS sockets in a room; a moderator of the room lets it hold the crowd.
     claimer = await ChatClient.open(stack.ws_url)
     claimed = await claimer.join(unique("crowd"), f"{room}-claim")  # a room of its own: nothing in the crowd's
     await claimer.close()
     crowd, token = claimed["name"], claimed["token"]
+    moderator = await ChatClient.open(stack.ws_url)
+    await moderator.join(unique("mod"), room, moderator=stack.moderator_token)
+    await moderator.send({"type": "limits", "sockets": CROWD})
+    await moderator.wait_for(lambda o: o["type"] == "moderation" and o["action"] == "limits")
+    await moderator.close()
 
     async def read(index: int, ws: websockets.ClientConnection) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):

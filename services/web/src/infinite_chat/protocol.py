@@ -24,7 +24,7 @@ TOKEN_MAX = 8192
 MODERATION_SECONDS_MAX = 30 * 86_400
 SLOW_SECONDS_MAX = 3_600
 # The most sockets a moderator may let one name have in a room.
-SOCKETS_PER_NAME_MAX = 1_000
+SOCKETS_PER_NAME_MAX = 10_000
 REASON_MAX = 200
 # Names a message lists as mentioned (`@name`), at most.
 MENTIONS_MAX = 20
